@@ -1,0 +1,30 @@
+# loraplex: `make serve` serves cluster/local.yaml; `make test` runs the tests. Both install first.
+PYTHON ?= python3
+VENV ?= .venv
+# torch goes in first and pinned: an unpinned torch pulls the CUDA build and gigabytes with it.
+TORCH_VERSION ?= 2.13.0
+CONFIG ?= cluster/local.yaml
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install serve test lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/serve run $(CONFIG)
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,167 @@
+"""LoRA adapters inside one loaded pipeline: load, verify, activate per request, delete.
+
+diffusers does the loading and format conversion (`load_lora_weights`) and keeps each adapter as
+peft layers beside the base weights, so switching adapters is a scale change, never a reload.
+Two things diffusers does not do, and this module adds: it can load a file that matches no
+module and change nothing (we count the layers each adapter really got and refuse zero), and
+its pipeline-wide `set_adapters` fails on a component that holds none of the adapters (we
+activate per component).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from diffusers.loaders.lora_base import (
+    disable_lora_for_text_encoder,
+    enable_lora_for_text_encoder,
+    set_adapters_for_text_encoder,
+)
+from diffusers.models.modeling_utils import ModelMixin
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from deployments.family import Family
+from serve.errors import LoraIncompatible
+
+MAX_KEY_EXAMPLES = 3
+# Converters drop what they cannot place, so a few leftovers are tolerated; more means the file
+# was made for another model, and loading it would silently change less than its author meant.
+MAX_UNMATCHED_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class ActiveAdapter:
+    adapter_name: str
+    strength: float
+    clip_strength: float
+
+
+def adapter_name_for(key: str) -> str:
+    """A peft-safe adapter name for a store key (peft names may not contain dots)."""
+    return "lx_" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class PipelineAdapters:
+    """The adapters loaded into one pipeline. Not thread-safe: the replica serializes calls."""
+
+    def __init__(self, pipe, family: Family):
+        self.pipe = pipe
+        self.family = family
+        self._active: tuple[ActiveAdapter, ...] | None = None
+
+    def check(self, tensors: dict[str, torch.Tensor], label: str) -> int:
+        """Count the file's LoRA matrices that fit a module of this model, without touching the
+        pipeline; LoraIncompatible when too few fit. Safe to call beside a generation."""
+        try:
+            converted = self.pipe.lora_state_dict(dict(tensors))  # diffusers' format conversion
+        except Exception as e:
+            raise LoraIncompatible(f"Failed to load LoRA: {label}: {e}") from e
+        if isinstance(converted, tuple):
+            converted = converted[0]
+        matrices = [key for key in converted if ".lora_A." in key or ".lora_B." in key]
+        unmatched = [key for key in matrices if not self._fits(key, converted[key])]
+        matched = len(matrices) - len(unmatched)
+        if matched == 0 or len(unmatched) > MAX_UNMATCHED_SHARE * len(matrices):
+            examples = ", ".join((unmatched or list(tensors))[:MAX_KEY_EXAMPLES])
+            raise LoraIncompatible(
+                f"Failed to load LoRA: {label}: {matched} of {len(matrices) or len(tensors)} "
+                f"LoRA matrices match the {self.family.name} model; unmatched e.g. {examples}"
+            )
+        return matched
+
+    def _fits(self, key: str, tensor: torch.Tensor) -> bool:
+        """Whether `<component>.<module>.lora_{A,B}.weight` names a module this matrix fits."""
+        attr, _, rest = key.partition(".")
+        if attr not in self.family.lora_components:
+            return False
+        component = getattr(self.pipe, attr, None)
+        module_path, _, kind = rest.rpartition(".lora_")
+        try:
+            module = component.get_submodule(module_path)
+        except AttributeError:
+            return False
+        in_features = getattr(module, "in_features", getattr(module, "in_channels", None))
+        out_features = getattr(module, "out_features", getattr(module, "out_channels", None))
+        if kind.startswith("A"):
+            return tensor.ndim >= 2 and tensor.shape[1] == in_features
+        return tensor.ndim >= 2 and tensor.shape[0] == out_features
+
+    def load(self, adapter_name: str, tensors: dict[str, torch.Tensor], label: str) -> int:
+        """Inject an adapter; returns its layer count. On any failure the pipeline is unchanged."""
+        self._active = None  # diffusers activates what it loads; the next request re-activates
+        try:
+            self.pipe.load_lora_weights(dict(tensors), adapter_name=adapter_name)
+        except Exception as e:
+            self.delete(adapter_name)
+            raise LoraIncompatible(f"Failed to load LoRA: {label}: {e}") from e
+        layers = self.layer_count(adapter_name)
+        if layers == 0:
+            self.delete(adapter_name)
+            examples = ", ".join(list(tensors)[:MAX_KEY_EXAMPLES])
+            raise LoraIncompatible(
+                f"Failed to load LoRA: {label}: no key matched the {self.family.name} model "
+                f"(0 of {len(tensors)} tensors matched; e.g. {examples})"
+            )
+        return layers
+
+    def delete(self, adapter_name: str) -> None:
+        """Remove an adapter's layers from every component and free their memory."""
+        self._active = None
+        present = {name for names in self.pipe.get_list_adapters().values() for name in names}
+        if adapter_name in present:
+            self.pipe.delete_adapters([adapter_name])
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def layer_count(self, adapter_name: str) -> int:
+        """How many of the model's layers this adapter modifies, over all components."""
+        count = 0
+        for component in self._components():
+            for module in component.modules():
+                if isinstance(module, BaseTunerLayer) and adapter_name in getattr(
+                    module, "lora_A", {}
+                ):
+                    count += 1
+        return count
+
+    def activate(self, adapters: list[ActiveAdapter]) -> None:
+        """Make exactly these adapters active, at these strengths, in request order."""
+        wanted = tuple(adapters)
+        if wanted == self._active:
+            return
+        loaded = self.pipe.get_list_adapters()
+        for attr in self.family.lora_components:
+            component = getattr(self.pipe, attr, None)
+            if component is None or not loaded.get(attr):
+                continue
+            is_text_encoder = attr in self.family.text_encoder_components
+            here = [a for a in adapters if a.adapter_name in loaded[attr]]
+            names = [a.adapter_name for a in here]
+            weights = [a.clip_strength if is_text_encoder else a.strength for a in here]
+            _activate_component(component, names, weights)
+        self._active = wanted
+
+    def _components(self):
+        for attr in self.family.lora_components:
+            component = getattr(self.pipe, attr, None)
+            if component is not None:
+                yield component
+
+
+def _activate_component(component, names: list[str], weights: list[float]) -> None:
+    if isinstance(component, ModelMixin):
+        if not names:
+            component.disable_lora()
+            return
+        component.enable_lora()
+        component.set_adapters(names, weights)
+        return
+    if not names:
+        disable_lora_for_text_encoder(component)
+        return
+    enable_lora_for_text_encoder(component)
+    set_adapters_for_text_encoder(names, component, weights)

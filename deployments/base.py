@@ -1,0 +1,221 @@
+"""DiffusionDeployment: the one Serve deployment class that serves every family.
+
+Each replica loads its family's pipeline once and keeps an LRU of hot adapters through
+`@serve.multiplexed`, so Serve routes a request to a replica that already holds its first
+adapter. The pipeline is stateful (which adapters are active, at what scale), so everything that
+touches it runs under one lock: adapter loads, evictions and generations never overlap, and an
+eviction therefore always waits for the generation in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+from ray import serve
+from ray.serve import metrics
+
+from deployments.adapters import ActiveAdapter, PipelineAdapters, adapter_name_for
+from deployments.family import get_family
+from deployments.loading import load_pipeline
+from serve.config import ModelConfig
+from serve.errors import InvalidRequest
+from serve.loras.files import parse_lora_file
+from serve.loras.store import LoraRef, LoraStore
+from serve.media import encode_image
+from serve.registry import registry_for
+from serve.schemas import AdapterUse, GenerationJob, GenerationResult
+
+_SECONDS_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300]
+
+
+class HotAdapter:
+    """What the multiplexed LRU holds for one adapter. Serve calls `__del__` on eviction."""
+
+    def __init__(self, key: str, adapter_name: str, evict):
+        self.key = key
+        self.adapter_name = adapter_name
+        self._evict = evict
+
+    def __del__(self):
+        # Serve calls this on eviction and Python again on garbage collection: act once.
+        evict, self._evict = self._evict, None
+        if evict is not None:
+            evict(self)
+
+
+class DiffusionDeployment:
+    def __init__(self, model: dict | ModelConfig, lora_root: str):
+        self.model = ModelConfig.model_validate(model)
+        self.family = get_family(self.model.family)
+        self.pipe = load_pipeline(
+            self.model.family, self.model.model_uri, self.model.dtype, self.model.device
+        )
+        self.adapters = PipelineAdapters(self.pipe, self.family)
+        self.store = LoraStore(lora_root)
+        self._lock = asyncio.Lock()
+        self._hot: dict[str, str] = {}  # store key -> peft adapter name, in load order
+        self._staged: dict[str, dict[str, torch.Tensor]] = {}
+        self._loads = self._hits = self._evictions = 0
+
+        context = serve.get_replica_context()
+        self.replica_id = context.replica_id.unique_id
+        self._registry = registry_for(context.app_name)
+        self._gpu_share = _gpu_share()
+
+        async def load_adapter(key: str) -> HotAdapter:
+            return await self._load_adapter(key)
+
+        self._get_adapter = serve.multiplexed(
+            max_num_models_per_replica=self.model.max_adapters_per_replica
+        )(load_adapter)
+
+        self._m_hits = metrics.Counter("loraplex_adapter_cache_hits", "Adapter cache hits.")
+        self._m_misses = metrics.Counter("loraplex_adapter_cache_misses", "Adapter cache misses.")
+        self._m_evictions = metrics.Counter("loraplex_adapter_evictions", "Adapters evicted.")
+        self._m_load_s = metrics.Histogram(
+            "loraplex_adapter_load_seconds", "Adapter load time.", boundaries=_SECONDS_BUCKETS
+        )
+        self._m_generation_s = metrics.Histogram(
+            "loraplex_generation_seconds", "Pipeline call time.", boundaries=_SECONDS_BUCKETS
+        )
+        self._m_gpu_s = metrics.Counter("loraplex_gpu_seconds", "GPU-seconds billed.")
+        self._m_cost = metrics.Counter("loraplex_cost_usd", "USD billed.")
+        self._report()
+
+    async def generate(self, job: GenerationJob) -> GenerationResult:
+        self._check_job(job)
+        # Read and parse cold files before taking the lock, so I/O overlaps other generations.
+        staged = {
+            use.key: await asyncio.to_thread(self._read_adapter, use)
+            for use in job.adapters
+            if use.key not in self._hot
+        }
+        async with self._lock:
+            cache = await self._ensure_hot(job.adapters, staged)
+            active = [
+                ActiveAdapter(self._hot[use.key], use.strength, use.clip_strength)
+                for use in job.adapters
+            ]
+            image, inference_ms = await asyncio.to_thread(self._render, job, active)
+        content = await asyncio.to_thread(encode_image, image, self.family.media_type)
+        gpu_seconds = inference_ms / 1000.0 * self._gpu_share
+        cost_usd = gpu_seconds * self.model.price_per_gpu_hour / 3600.0
+        self._m_gpu_s.inc(gpu_seconds)
+        self._m_cost.inc(cost_usd)
+        return GenerationResult(
+            content=content,
+            media_type=self.family.media_type,
+            inference_ms=inference_ms,
+            gpu_seconds=gpu_seconds,
+            cost_usd=cost_usd,
+            lora_cache=cache,
+            replica_id=self.replica_id,
+        )
+
+    def describe(self) -> dict:
+        """This replica's state, as /models shows it."""
+        return {
+            "deployment": self.model.name,
+            "replica_id": self.replica_id,
+            "hot_adapters": [key.rpartition("@")[0] for key in self._hot],
+            "adapter_loads": self._loads,
+            "adapter_hits": self._hits,
+            "adapter_evictions": self._evictions,
+        }
+
+    def check_health(self) -> None:
+        # Serve calls this every health_check_period_s: it doubles as the registry heartbeat.
+        self._report()
+
+    def __del__(self):
+        registry = getattr(self, "_registry", None)
+        if registry is not None:
+            registry.remove.remote(self.replica_id)
+
+    def _check_job(self, job: GenerationJob) -> None:
+        multiple = self.family.size_multiple(self.pipe)
+        for field in ("width", "height"):
+            value = getattr(job, field)
+            if value % multiple:
+                raise InvalidRequest(
+                    f"{field}: must be a multiple of {multiple} for this model, got {value}"
+                )
+        keys = [use.key for use in job.adapters]
+        if len(keys) > self.model.max_adapters_per_replica:
+            raise InvalidRequest(
+                f"loras: {len(keys)} adapters, but this model keeps at most "
+                f"{self.model.max_adapters_per_replica} per replica"
+            )
+
+    async def _ensure_hot(self, uses: list[AdapterUse], staged: dict) -> list[str]:
+        """Load each adapter of the stack unless hot; 'hit' or 'miss' per adapter, in order."""
+        cache = []
+        for use in uses:
+            hit = use.key in self._hot
+            if not hit and use.key not in staged:
+                staged[use.key] = await asyncio.to_thread(self._read_adapter, use)
+            self._staged = staged
+            try:
+                await self._get_adapter(use.key)
+            finally:
+                self._staged = {}
+            cache.append("hit" if hit else "miss")
+            (self._m_hits if hit else self._m_misses).inc()
+            self._hits += hit
+        if uses:
+            self._report()
+        return cache
+
+    def _read_adapter(self, use: AdapterUse) -> dict[str, torch.Tensor]:
+        name, _, version = use.key.rpartition("@")
+        data = self.store.read_bytes(LoraRef(name=name, version=version))
+        tensors, _metadata = parse_lora_file(data, name)
+        self.adapters.check(tensors, name)
+        return tensors
+
+    async def _load_adapter(self, key: str) -> HotAdapter:
+        """The multiplexed loader: runs under `self._lock`, held by `_ensure_hot`'s caller."""
+        tensors = self._staged.pop(key)
+        adapter_name = adapter_name_for(key)
+        label = key.rpartition("@")[0]
+        started = time.perf_counter()
+        await asyncio.to_thread(self.adapters.load, adapter_name, tensors, label)
+        self._m_load_s.observe(time.perf_counter() - started)
+        self._hot[key] = adapter_name
+        self._loads += 1
+        self._report()
+        return HotAdapter(key, adapter_name, self._evict)
+
+    def _evict(self, adapter: HotAdapter) -> None:
+        # Serve evicts only inside `_get_adapter`, which runs under the lock: no generation
+        # is in flight while the adapter's layers are deleted.
+        self.adapters.delete(adapter.adapter_name)
+        self._hot.pop(adapter.key, None)
+        self._evictions += 1
+        self._m_evictions.inc()
+        self._report()
+
+    def _render(self, job: GenerationJob, active: list[ActiveAdapter]):
+        self.adapters.activate(active)
+        kwargs = self.family.pipeline_kwargs(job)
+        generator = torch.Generator(device="cpu").manual_seed(job.seed)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = self.pipe(**kwargs, generator=generator, output_type="pil")
+        elapsed_s = time.perf_counter() - started
+        self._m_generation_s.observe(elapsed_s)
+        return output.images[0], elapsed_s * 1000.0
+
+    def _report(self) -> None:
+        self._registry.report.remote(self.describe())
+
+
+def _gpu_share() -> float:
+    """The GPUs this replica holds (0.5 for a half GPU); 1.0 for a CPU replica, which bills
+    its device time the same way."""
+    import ray
+
+    gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
+    return float(gpus) if gpus > 0 else 1.0

@@ -1,0 +1,54 @@
+"""The family spec: everything that is particular to one base model, as data plus small functions.
+
+Serving (deployments/base.py) and training read a family only through this spec; nothing outside
+`deployments/<family>.py` names a family's pipeline class.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from serve.schemas import GenerationDefaults, GenerationJob
+
+# Family name -> module that defines `FAMILY`. Imported on first use, so reading a config does
+# not build or import a model it does not serve.
+_FAMILY_MODULES = {
+    "flux": "deployments.flux",
+}
+FAMILY_NAMES = tuple(_FAMILY_MODULES)
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    endpoint: str
+    """HTTP path stem: /<endpoint> and /<endpoint>-lora."""
+    defaults: GenerationDefaults
+    media_type: str
+    """image/png, image/jpeg or image/webp: what the endpoint returns."""
+    pipeline_class: type
+    build_tiny: Callable[[], Any]
+    """Builds the tiny:// pipeline: real classes, tiny sizes, fixed seeds, nothing downloaded."""
+    denoiser_component: str
+    """The pipeline attribute holding the transformer or UNet."""
+    text_encoder_components: tuple[str, ...]
+    """Pipeline attributes of text encoders that LoRAs may target (scaled by clip_strength)."""
+    pipeline_kwargs: Callable[[GenerationJob], dict[str, Any]]
+    """Maps a resolved job to the pipeline call's keyword arguments (no generator)."""
+    size_multiple: Callable[[Any], int]
+    """The loaded pipeline's width and height step in pixels (VAE scale x patch size)."""
+
+    @property
+    def lora_components(self) -> tuple[str, ...]:
+        return (self.denoiser_component, *self.text_encoder_components)
+
+
+def get_family(name: str) -> Family:
+    """The spec of a family by name; ValueError names the known ones."""
+    module_name = _FAMILY_MODULES.get(name)
+    if module_name is None:
+        raise ValueError(f"unknown family {name!r}; expected one of {list(FAMILY_NAMES)}")
+    return importlib.import_module(module_name).FAMILY

@@ -1,0 +1,137 @@
+"""FLUX.1 family: FluxPipeline, served at /flux and /flux-lora."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
+from diffusers.models.normalization import (
+    AdaLayerNormContinuous,
+    AdaLayerNormZero,
+    AdaLayerNormZeroSingle,
+)
+
+from deployments.family import Family
+from deployments.tiny import (
+    tiny_clip_text_model,
+    tiny_clip_tokenizer,
+    tiny_t5_encoder,
+    tiny_t5_tokenizer,
+)
+from serve.schemas import GenerationDefaults, GenerationJob
+
+_TINY_SEED = 0
+_TINY_TEXT_DIM = 32
+_TINY_LATENT_CHANNELS = 4
+# At default init the AdaLN gates come out near 0.15, so attention barely reaches the output and
+# neither the prompt nor an attention LoRA visibly changes the image; 8x makes both show.
+_TINY_MODULATION_GAIN = 8.0
+
+
+def _tiny_transformer() -> FluxTransformer2DModel:
+    torch.manual_seed(_TINY_SEED)
+    model = FluxTransformer2DModel(
+        patch_size=1,
+        # Flux packs 2x2 latent patches into the token channels.
+        in_channels=4 * _TINY_LATENT_CHANNELS,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_TINY_TEXT_DIM,
+        pooled_projection_dim=_TINY_TEXT_DIM,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    ).eval()
+    adaln = (AdaLayerNormZero, AdaLayerNormZeroSingle, AdaLayerNormContinuous)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, adaln):
+                module.linear.weight.mul_(_TINY_MODULATION_GAIN)
+                module.linear.bias.mul_(_TINY_MODULATION_GAIN)
+    return model
+
+
+def _tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(_TINY_SEED)
+    # Five blocks give vae_scale_factor 16, so 1024x1024 is only 32x32 tokens; with 4 channels
+    # the full-resolution decoder convolutions stay cheap on a CPU.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 5,
+        up_block_types=("UpDecoderBlock2D",) * 5,
+        block_out_channels=(4, 4, 4, 4, 4),
+        layers_per_block=1,
+        latent_channels=_TINY_LATENT_CHANNELS,
+        norm_num_groups=2,
+        sample_size=64,
+        # The pipeline computes latents / scaling_factor + shift_factor, so both must be set.
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+
+def _tiny_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    # FLUX.1-dev's settings, so the resolution-dependent timestep shift is exercised.
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def build_tiny_flux() -> FluxPipeline:
+    """Randomly initialised FLUX.1-dev-shaped pipeline, identical on every call."""
+    return FluxPipeline(
+        scheduler=_tiny_scheduler(),
+        vae=_tiny_vae(),
+        text_encoder=tiny_clip_text_model(hidden_size=_TINY_TEXT_DIM, seed=_TINY_SEED),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=tiny_t5_encoder(d_model=_TINY_TEXT_DIM, seed=_TINY_SEED),
+        tokenizer_2=tiny_t5_tokenizer(),
+        transformer=_tiny_transformer(),
+    )
+
+
+def pipeline_kwargs(job: GenerationJob) -> dict[str, Any]:
+    """FLUX.1-dev's guidance is distilled (`guidance_scale` is an input of the model). A
+    negative prompt needs true classifier-free guidance, which doubles the work: it is turned
+    on, at the same scale, only when a negative prompt is given."""
+    kwargs: dict[str, Any] = {
+        "prompt": job.prompt,
+        "width": job.width,
+        "height": job.height,
+        "num_inference_steps": job.steps,
+        "guidance_scale": job.cfg,
+    }
+    if job.negative_prompt:
+        kwargs["negative_prompt"] = job.negative_prompt
+        kwargs["true_cfg_scale"] = job.cfg
+    return kwargs
+
+
+FAMILY = Family(
+    name="flux",
+    endpoint="flux",
+    defaults=GenerationDefaults(width=1024, height=1024, steps=20, cfg=3.5),
+    media_type="image/png",
+    pipeline_class=FluxPipeline,
+    build_tiny=build_tiny_flux,
+    denoiser_component="transformer",
+    text_encoder_components=("text_encoder",),
+    pipeline_kwargs=pipeline_kwargs,
+    # Flux packs 2x2 latent patches: sizes step by twice the VAE's down-sampling.
+    size_multiple=lambda pipe: pipe.vae_scale_factor * 2,
+)

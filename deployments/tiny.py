@@ -1,0 +1,111 @@
+"""Tiny offline tokenizers and text encoders shared by the model families' test builders.
+
+Everything is built in code from fixed seeds, so a tiny pipeline needs no download and two
+builds give identical weights. The tokenizers are the real transformers classes that the
+diffusers pipelines record in model_index.json, so `save_pretrained` / `from_pretrained`
+round-trips work like they do for production checkpoints.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from tokenizers import pre_tokenizers
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+# CLIP: a byte-level BPE without merges, laid out like the real vocab (bytes, then bytes that
+# end a word, then the two specials), so every string encodes and ids still depend on the text.
+_BYTES = sorted(pre_tokenizers.ByteLevel.alphabet())
+_CLIP_BOS, _CLIP_EOS = "<|startoftext|>", "<|endoftext|>"
+_CLIP_VOCAB = {tok: i for i, tok in enumerate(_BYTES + [b + "</w>" for b in _BYTES])}
+_CLIP_VOCAB[_CLIP_BOS] = len(_CLIP_VOCAB)
+_CLIP_VOCAB[_CLIP_EOS] = len(_CLIP_VOCAB)
+CLIP_VOCAB_SIZE = len(_CLIP_VOCAB)
+CLIP_BOS_ID, CLIP_EOS_ID = _CLIP_VOCAB[_CLIP_BOS], _CLIP_VOCAB[_CLIP_EOS]
+
+# T5: a Unigram over printable ASCII, ids 0-2 being <pad>, </s>, <unk> as in the real T5 vocab;
+# anything else becomes <unk>.
+_T5_SPECIALS = ["<pad>", "</s>", "<unk>"]
+_T5_PIECES = ["\u2581", *(c for c in string.printable if not c.isspace())]
+_T5_VOCAB = [(tok, 0.0) for tok in _T5_SPECIALS] + [(p, -1.0) for p in _T5_PIECES]
+T5_VOCAB_SIZE = len(_T5_VOCAB)
+T5_PAD_ID, T5_EOS_ID = 0, 1
+
+
+def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """Character-level CLIP tokenizer; byte-level, so any text encodes without unknowns."""
+    # transformers 5: CLIPTokenizer is the tokenizers-backed class; CLIPTokenizerFast aliases it.
+    return CLIPTokenizer(
+        vocab=dict(_CLIP_VOCAB),
+        merges=[],
+        unk_token=_CLIP_EOS,
+        bos_token=_CLIP_BOS,
+        eos_token=_CLIP_EOS,
+        pad_token=_CLIP_EOS,
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
+    """Character-level T5 tokenizer over printable ASCII; other characters map to <unk>."""
+    # extra_ids=0: pipelines never use the sentinel tokens, and they would only grow the vocab.
+    return T5Tokenizer(
+        vocab=list(_T5_VOCAB),
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
+
+
+def tiny_clip_text_model(
+    hidden_size: int = 32,
+    vocab_size: int = CLIP_VOCAB_SIZE,
+    seed: int = 0,
+    max_position_embeddings: int = 77,
+) -> CLIPTextModel:
+    """Two-layer CLIP text encoder matching `tiny_clip_tokenizer`."""
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        projection_dim=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_position_embeddings,
+        # The pooled output is read at the first eos id, so it must be the tokenizer's eos;
+        # a wrong id silently pools the bos token and every prompt gets the same pooled vector.
+        bos_token_id=CLIP_BOS_ID,
+        eos_token_id=CLIP_EOS_ID,
+        pad_token_id=CLIP_EOS_ID,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModel(config).eval()
+
+
+def tiny_t5_encoder(
+    d_model: int = 32, vocab_size: int = T5_VOCAB_SIZE, seed: int = 0
+) -> T5EncoderModel:
+    """Two-layer T5 encoder matching `tiny_t5_tokenizer`."""
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // 2,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=2,
+        # No dropout: a freshly built model is in train mode until eval(), and dropout would
+        # make outputs depend on the global RNG.
+        dropout_rate=0.0,
+        pad_token_id=T5_PAD_ID,
+        eos_token_id=T5_EOS_ID,
+        decoder_start_token_id=T5_PAD_ID,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval()

@@ -1,0 +1,1 @@
+"""loraplex: serve diffusion models with per-request LoRA adapters on Ray Serve."""

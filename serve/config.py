@@ -1,0 +1,129 @@
+"""Typed application config: the `args` of the Ray Serve config file (cluster/*.yaml).
+
+Replica counts, autoscaling and `ray_actor_options` (the GPU share) are not here: they sit in the
+Serve file's own `deployments:` section, so Ray's tools keep working on it.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments.family import FAMILY_NAMES
+from serve.schemas import DefaultsOverride, GenerationDefaults
+
+
+class ModelConfig(BaseModel):
+    """One base model: one Serve deployment, named `name`."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    name: str = Field(
+        pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        description="Serve deployment name; the `deployments:` section refers to it.",
+    )
+    family: str = Field(description=f"Model family, one of {', '.join(FAMILY_NAMES)}.")
+    model_uri: str = Field(
+        default="",
+        max_length=2048,
+        description="tiny://<family>, a local diffusers directory, an fsspec URI or a hub id. "
+        "Empty means tiny://<family>.",
+    )
+    endpoint: str = Field(
+        default="",
+        pattern=r"^([a-z0-9][a-z0-9._-]{0,62})?$",
+        description="HTTP path served: /<endpoint> (LoRA optional) and /<endpoint>-lora "
+        "(LoRA required). Empty means the family's own (flux, qwen-image-2512, ...).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: cuda when the replica has a GPU, else cpu."
+    )
+    max_adapters_per_replica: int = Field(
+        default=8, ge=1, le=1024, description="Hot LoRA adapters kept per replica (LRU)."
+    )
+    price_per_gpu_hour: float = Field(
+        default=0.0, ge=0.0, le=1000.0, description="USD per GPU-hour, for X-Cost-USD."
+    )
+    defaults: DefaultsOverride = Field(
+        default_factory=DefaultsOverride,
+        description="Overrides of the family's production defaults (width, height, steps, cfg).",
+    )
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        if family not in FAMILY_NAMES:
+            raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILY_NAMES)}")
+        return family
+
+    @model_validator(mode="after")
+    def _fill_family_defaults(self) -> ModelConfig:
+        from deployments.family import get_family
+
+        family = get_family(self.family)
+        if not self.model_uri:
+            self.model_uri = f"tiny://{self.family}"
+        if not self.endpoint:
+            self.endpoint = family.endpoint
+        return self
+
+    def generation_defaults(self) -> GenerationDefaults:
+        """The family's production defaults with this config's overrides applied."""
+        from deployments.family import get_family
+
+        base = get_family(self.family).defaults
+        return base.model_copy(update=self.defaults.model_dump(exclude_none=True))
+
+
+class AppConfig(BaseModel):
+    """The whole application: every served model plus what they share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig] = Field(min_length=1, max_length=32)
+    lora_root: str = Field(
+        default="./models/loras",
+        max_length=2048,
+        description="fsspec URI or local folder holding the .safetensors adapters.",
+    )
+    api_keys: list[str] = Field(
+        default_factory=list,
+        max_length=1024,
+        description="When set, every route but /healthz and /docs needs `Authorization: Bearer "
+        "<key>` or `X-API-Key: <key>`.",
+    )
+    max_body_bytes: int = Field(
+        default=32 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body."
+    )
+
+    @field_validator("lora_root")
+    @classmethod
+    def _absolute_local_root(cls, root: str) -> str:
+        # Replicas may run with another working directory: pin relative local paths now.
+        if "://" in root:
+            return root
+        return os.path.abspath(root)
+
+    @model_validator(mode="after")
+    def _unique_names_and_endpoints(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: deployment names must be unique, got {names}")
+        endpoints = [m.endpoint for m in self.models]
+        if len(set(endpoints)) != len(endpoints):
+            raise ValueError(f"models: endpoints must be unique, got {endpoints}")
+        return self
+
+    def model_for_endpoint(self, path: str) -> tuple[ModelConfig, bool] | None:
+        """(model, lora_required) for an HTTP path like `flux-lora`, or None."""
+        for model in self.models:
+            if path == model.endpoint:
+                return model, False
+            if path == f"{model.endpoint}-lora":
+                return model, True
+        return None

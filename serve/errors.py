@@ -1,0 +1,65 @@
+"""Typed errors, raised where the problem is found.
+
+Only the ingress knows HTTP: it maps each error's `code` to a status once. Every error takes a
+single message argument so it pickles unchanged across Ray (a replica's error reaches the
+ingress as the same class).
+"""
+
+
+class LoraplexError(Exception):
+    """Base class: `code` is the stable machine-readable name in the JSON error body."""
+
+    code = "internal_error"
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+
+class LoraRequired(LoraplexError):
+    code = "lora_required"
+
+    def __init__(self, message: str = "lora_id or lora_name is required"):
+        super().__init__(message)
+
+
+class LoraNotFound(LoraplexError):
+    """The named adapter is not in the LoRA store, or the name is not one the store accepts."""
+
+    code = "lora_not_found"
+
+
+class LoraIncompatible(LoraplexError):
+    """The file exists but cannot be applied: corrupt, another base model, or no key matched."""
+
+    code = "lora_incompatible"
+
+
+class InvalidRequest(LoraplexError):
+    """A field is out of range, unknown or inconsistent; the message names the field."""
+
+    code = "invalid_request"
+
+
+class NotFound(LoraplexError):
+    """An HTTP path or resource other than a LoRA does not exist."""
+
+    code = "not_found"
+
+
+class TooLarge(LoraplexError):
+    code = "too_large"
+
+
+class Unauthorized(LoraplexError):
+    code = "unauthorized"
+
+
+class Overloaded(LoraplexError):
+    code = "overloaded"
+
+
+class ModelLoadError(LoraplexError):
+    """A base model could not be built or loaded from its URI (a deployment start-up failure)."""
+
+    code = "model_load_failed"

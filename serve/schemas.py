@@ -1,0 +1,177 @@
+"""Request and result models. Every field is bounded and unknown fields are refused."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+
+MAX_LORAS_PER_REQUEST = 4
+MAX_SEED = 2**63 - 1
+
+_LORA_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
+_ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+class GenerationDefaults(BaseModel):
+    """A family's production defaults; a model's config may override any of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int = Field(default=1024, ge=64, le=4096)
+    height: int = Field(default=1024, ge=64, le=4096)
+    steps: int = Field(default=20, ge=1, le=200)
+    cfg: float = Field(default=3.5, ge=0.0, le=30.0)
+
+
+class DefaultsOverride(BaseModel):
+    """A model config's overrides of its family's defaults: only the fields given apply."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    width: int | None = Field(default=None, ge=64, le=4096)
+    height: int | None = Field(default=None, ge=64, le=4096)
+    steps: int | None = Field(default=None, ge=1, le=200)
+    cfg: float | None = Field(default=None, ge=0.0, le=30.0)
+
+
+class LoraSpec(BaseModel):
+    """One adapter of a stack: `{id | name, strength, clip_strength, ...}`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    id: str | None = Field(
+        default=None,
+        pattern=_LORA_ID_PATTERN,
+        description="Character LoRA id: resolves to character-{id}.safetensors.",
+    )
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=512,
+        description="File name under the LoRA root; sub-folders allowed.",
+    )
+    strength: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=2.0,
+        validation_alias=AliasChoices("strength", "weight", "scale"),
+        description="Model (denoiser) strength; aliases: weight, scale.",
+    )
+    clip_strength: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=2.0,
+        description="Text-encoder strength (ComfyUI's strength_clip); defaults to strength.",
+    )
+    adapter_name: str | None = Field(
+        default=None,
+        pattern=_ADAPTER_NAME_PATTERN,
+        description="A label for this adapter in logs; adapters are keyed by their file.",
+    )
+    trigger_word: str | None = Field(
+        default=None, max_length=200, description="Prepended to the prompt."
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> LoraSpec:
+        if (self.id is None) == (self.name is None):
+            raise ValueError("give exactly one of id or name")
+        return self
+
+    @property
+    def file_name(self) -> str:
+        """The name in the LoRA store this spec points at."""
+        return character_file_name(self.id) if self.id is not None else str(self.name)
+
+
+def character_file_name(lora_id: str) -> str:
+    return f"character-{lora_id}.safetensors"
+
+
+class GenerationRequest(BaseModel):
+    """The JSON body of every generation endpoint."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    negative_prompt: str = Field(default="", max_length=4000)
+    width: int | None = Field(default=None, ge=64, le=2048, description="Pixels.")
+    height: int | None = Field(default=None, ge=64, le=2048, description="Pixels.")
+    steps: int | None = Field(default=None, ge=1, le=150, description="Denoising steps.")
+    cfg: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=30.0,
+        validation_alias=AliasChoices("cfg", "guidance_scale"),
+        description="Guidance scale; alias guidance_scale.",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Random when absent; echoed in X-Seed."
+    )
+    lora_id: str | None = Field(default=None, pattern=_LORA_ID_PATTERN)
+    lora_name: str | None = Field(default=None, min_length=1, max_length=512)
+    lora_strength: float = Field(default=1.0, ge=0.0, le=2.0)
+    trigger_word: str | None = Field(default=None, max_length=200)
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS_PER_REQUEST)
+
+    @model_validator(mode="after")
+    def _one_lora_form(self) -> GenerationRequest:
+        if self.lora_id is not None and self.lora_name is not None:
+            raise ValueError("lora_id and lora_name: give one, not both")
+        if self.loras and (self.lora_id is not None or self.lora_name is not None):
+            raise ValueError("loras: use either the loras list or lora_id/lora_name, not both")
+        return self
+
+    def lora_stack(self) -> list[LoraSpec]:
+        """The request's adapters in order, the short form turned into a one-item stack."""
+        if self.lora_id is not None:
+            return [LoraSpec(id=self.lora_id, strength=self.lora_strength)]
+        if self.lora_name is not None:
+            return [LoraSpec(name=self.lora_name, strength=self.lora_strength)]
+        return list(self.loras)
+
+    def prompt_with_triggers(self) -> str:
+        """The prompt with trigger words prepended (request-level first, then per adapter)."""
+        triggers = [self.trigger_word] + [spec.trigger_word for spec in self.loras]
+        words = [w.strip() for w in triggers if w and w.strip()]
+        words = [w for w in dict.fromkeys(words) if w not in self.prompt]
+        return ", ".join([*words, self.prompt])
+
+
+class AdapterUse(BaseModel):
+    """A resolved adapter as a replica receives it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str = Field(description="name@version: the multiplexed model id of this file version.")
+    name: str
+    strength: float
+    clip_strength: float
+
+
+class GenerationJob(BaseModel):
+    """What the ingress sends a deployment: every value resolved, nothing left to defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    cfg: float
+    seed: int
+    adapters: list[AdapterUse]
+
+
+class GenerationResult(BaseModel):
+    """What a deployment returns: the encoded media and how it was made."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    content: bytes
+    media_type: str
+    inference_ms: float
+    gpu_seconds: float
+    cost_usd: float
+    lora_cache: list[str] = Field(description="hit or miss per adapter, in request order.")
+    replica_id: str

@@ -1,0 +1,246 @@
+"""Flux end to end: real Ray, real Serve, real HTTP, real LoRA files, tiny model."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from tests.lora_files import lora_tensors, write_lora
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SMALL = {"width": 256, "height": 256, "steps": 4}
+MAX_ADAPTERS = 2
+
+
+@pytest.fixture(scope="session")
+def tiny_flux():
+    from deployments import load_pipeline
+
+    return load_pipeline("flux", "tiny://flux")
+
+
+@pytest.fixture(scope="session")
+def lora_root(tmp_path_factory, tiny_flux):
+    """A LoRA root with diffusers, kohya and broken files for the tiny Flux model."""
+    root = tmp_path_factory.mktemp("loras")
+    transformer = tiny_flux.transformer
+    for seed, lora_id in enumerate(["a", "b", "c", "d", "e", "f", "g", "h", "k"], start=1):
+        write_lora(
+            root / f"character-{lora_id}.safetensors",
+            lora_tensors(transformer, "transformer", seed),
+        )
+    write_lora(root / "styles" / "ink.safetensors", lora_tensors(transformer, "transformer", 99))
+    (root / "character-corrupt.safetensors").write_bytes(
+        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"
+    )
+    write_lora(
+        root / "character-nomatch.safetensors",
+        {
+            "transformer.no_such_block.to_q.lora_A.weight": torch.ones(4, 8),
+            "transformer.no_such_block.to_q.lora_B.weight": torch.ones(8, 4),
+        },
+    )
+    write_lora(  # an SDXL-style UNet LoRA: another base model entirely
+        root / "character-sdxl.safetensors",
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.ones(320, 4),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
+        },
+    )
+    wide = lora_tensors(transformer, "transformer", 5)
+    write_lora(  # right key names, wrong shapes: a LoRA for a bigger Flux
+        root / "character-wide.safetensors",
+        {
+            k: torch.cat([v, v], dim=1 if k.endswith("lora_A.weight") else 0)
+            for k, v in wide.items()
+        },
+    )
+    (tmp_path_factory.getbasetemp() / "outside.safetensors").write_bytes(
+        (root / "character-a.safetensors").read_bytes()
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def service(ray_cluster, lora_root):
+    """The app from cluster/local.yaml, built by the product's own builder, on a test root."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    serve_config = yaml.safe_load((REPO_ROOT / "cluster" / "local.yaml").read_text())
+    args = serve_config["applications"][0]["args"]
+    args["lora_root"] = str(lora_root)
+    for model in args["models"]:
+        model["max_adapters_per_replica"] = MAX_ADAPTERS
+    serve.run(build_app(args), name="loraplex", route_prefix="/")
+    with httpx.Client(base_url=ray_cluster, timeout=120) as client:
+        yield client
+
+
+def generate(client, path="/flux-lora", **body):
+    return client.post(path, json={"prompt": "a red fox in the snow", "seed": 7, **SMALL, **body})
+
+
+def pixels(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"), dtype=np.int16)
+
+
+def test_lora_changes_the_image_and_strength_zero_is_the_base(service):
+    base = generate(service, "/flux")
+    with_lora = generate(service, lora_id="a")
+    zero = generate(service, lora_id="a", lora_strength=0.0)
+    again = generate(service, lora_id="a")
+    assert base.headers["content-type"] == "image/png"
+    assert np.abs(pixels(base) - pixels(with_lora)).mean() > 2.0
+    assert zero.content == base.content
+    assert again.content == with_lora.content
+
+
+def test_production_default_size_and_headers(service):
+    response = service.post("/flux-lora", json={"prompt": "portrait", "lora_id": "a", "steps": 2})
+    image = Image.open(io.BytesIO(response.content))
+    assert response.status_code == 200 and image.size == (1024, 1024)
+    seed = int(response.headers["X-Seed"])
+    assert response.headers["X-Model"] == "flux"
+    assert float(response.headers["X-Inference-Ms"]) > 0
+    assert float(response.headers["X-GPU-Seconds"]) > 0
+    assert float(response.headers["X-Cost-USD"]) > 0
+    assert response.headers["X-Request-Id"]
+    replay = service.post(
+        "/flux-lora", json={"prompt": "portrait", "lora_id": "a", "steps": 2, "seed": seed}
+    )
+    assert replay.content == response.content
+
+
+def test_two_adapters_apply_both_each_at_its_strength(service):
+    only_a = generate(service, lora_id="a")
+    only_b = generate(service, lora_name="character-b.safetensors")
+    both = generate(service, loras=[{"id": "a"}, {"id": "b"}])
+    a_off = generate(service, loras=[{"id": "a", "strength": 0}, {"id": "b"}])
+    b_off = generate(service, loras=[{"id": "a"}, {"id": "b", "weight": 0}])
+    assert a_off.content == only_b.content
+    assert b_off.content == only_a.content
+    assert np.abs(pixels(both) - pixels(only_a)).mean() > 1.0
+    assert np.abs(pixels(both) - pixels(only_b)).mean() > 1.0
+
+
+def test_cache_misses_then_hits_and_evicts_least_recently_used(service):
+    def cache_of(lora_id):
+        return generate(service, lora_id=lora_id).headers["X-LoRA-Cache"]
+
+    assert cache_of("c") == "miss"
+    assert cache_of("c") == "hit"
+    assert cache_of("d") == "miss"
+    assert cache_of("c") == "hit"  # c is now the most recently used
+    assert cache_of("e") == "miss"  # evicts d
+    [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
+    [replica] = flux["replicas"]
+    assert sorted(replica["hot_adapters"]) == ["character-c.safetensors", "character-e.safetensors"]
+    assert cache_of("c") == "hit"
+    assert cache_of("d") == "miss"
+
+
+def test_evicted_adapter_reloads_to_the_same_image(service):
+    first = generate(service, lora_id="f")
+    for other in ("g", "h"):
+        generate(service, lora_id=other)
+    reloaded = generate(service, lora_id="f")
+    assert reloaded.headers["X-LoRA-Cache"] == "miss"
+    assert reloaded.content == first.content
+
+
+def test_concurrent_requests_with_different_adapters_match_sequential(service):
+    bodies = [
+        {"lora_id": "a"},
+        {"lora_id": "b", "lora_strength": 0.5},
+        {"loras": [{"id": "a", "strength": 0.3}, {"id": "b"}]},
+        {},
+        {"lora_id": "a", "seed": 11},
+        {"lora_id": "b", "seed": 12},
+    ]
+    sequential = [generate(service, **body).content for body in bodies]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        concurrent_results = list(pool.map(lambda body: generate(service, **body).content, bodies))
+    assert concurrent_results == sequential
+
+
+def error_of(response, status: int, code: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"]["code"] == code
+    assert response.headers["X-Request-Id"]
+    return body["error"]["message"]
+
+
+def test_missing_lora_is_400(service):
+    message = error_of(generate(service), 400, "lora_required")
+    assert message == "lora_id or lora_name is required"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"lora_id": "nope"},
+        {"lora_name": "../outside.safetensors"},
+        {"lora_name": "/etc/passwd"},
+        {"lora_name": "character-a.txt"},
+        {"loras": [{"name": "styles/../../outside.safetensors"}]},
+    ],
+)
+def test_unknown_or_out_of_root_names_are_404(service, body):
+    message = error_of(generate(service, **body), 404, "lora_not_found")
+    assert message.startswith("LoRA not found: ")
+
+
+@pytest.mark.parametrize("lora_id", ["corrupt", "nomatch", "sdxl", "wide"])
+def test_unloadable_lora_is_422_and_leaves_the_service_as_it_was(service, lora_id):
+    before = generate(service, lora_id="a").content
+    message = error_of(generate(service, lora_id=lora_id), 422, "lora_incompatible")
+    assert message.startswith("Failed to load LoRA: ")
+    assert generate(service, lora_id="a").content == before
+    hot = [
+        r["hot_adapters"] for m in service.get("/models").json()["models"] for r in m["replicas"]
+    ]
+    assert all(f"character-{lora_id}.safetensors" not in names for names in hot)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"lora_id": "a", "lora_strength": 2.5}, "lora_strength"),
+        ({"lora_id": "a", "width": 100000}, "width"),
+        ({"lora_id": "a", "steps": 0}, "steps"),
+        ({"lora_id": "a", "unknown_field": 1}, "unknown_field"),
+        ({"lora_id": "a", "width": 250}, "width"),  # not a multiple of the model's step
+        ({"loras": [{"id": "a"}, {"id": "b"}, {"id": "c"}]}, "loras"),  # more than 2 hot slots
+    ],
+)
+def test_out_of_range_fields_are_422_naming_the_field(service, body, field):
+    before = generate(service, lora_id="a").content
+    message = error_of(generate(service, **body), 422, "invalid_request")
+    assert field in message
+    assert generate(service, lora_id="a").content == before
+
+
+def test_unknown_endpoint_is_404(service):
+    assert error_of(service.post("/nope", json={"prompt": "p"}), 404, "not_found")
+
+
+def test_health_models_and_docs(service):
+    assert service.get("/healthz").json() == {"status": "ok"}
+    [flux] = service.get("/models").json()["models"]
+    assert flux["family"] == "flux" and flux["model_uri"] == "tiny://flux"
+    assert flux["endpoints"] == ["/flux", "/flux-lora"]
+    assert service.get("/docs").status_code == 200
+    assert "/{endpoint}" in service.get("/openapi.json").json()["paths"]
