@@ -10,6 +10,7 @@ eviction therefore always waits for the generation in flight.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import torch
@@ -92,13 +93,17 @@ class DiffusionDeployment:
             for use in job.adapters
             if use.key not in self._hot
         }
-        async with self._lock:
-            cache = await self._ensure_hot(job.adapters, staged)
-            active = [
-                ActiveAdapter(self._hot[use.key], use.strength, use.clip_strength)
-                for use in job.adapters
-            ]
-            image, inference_ms = await asyncio.to_thread(self._render, job, active)
+        # Shielded: when Serve cancels a request (its client went away), the pipeline work
+        # already under way must finish before the lock is released, or the next request would
+        # change adapters under a generation still running in its thread. The interrupt makes
+        # the pipeline skip its remaining steps, so the abandoned work ends soon.
+        interrupted = threading.Event()
+        work = asyncio.ensure_future(self._generate_locked(job, staged, interrupted))
+        try:
+            image, inference_ms, cache = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            interrupted.set()
+            raise
         content = await asyncio.to_thread(encode_image, image, self.family.media_type)
         gpu_seconds = inference_ms / 1000.0 * self._gpu_share
         cost_usd = gpu_seconds * self.model.price_per_gpu_hour / 3600.0
@@ -113,6 +118,20 @@ class DiffusionDeployment:
             lora_cache=cache,
             replica_id=self.replica_id,
         )
+
+    async def _generate_locked(
+        self, job: GenerationJob, staged: dict, interrupted: threading.Event
+    ):
+        async with self._lock:
+            if interrupted.is_set():
+                raise asyncio.CancelledError
+            cache = await self._ensure_hot(job.adapters, staged)
+            active = [
+                ActiveAdapter(self._hot[use.key], use.strength, use.clip_strength)
+                for use in job.adapters
+            ]
+            image, inference_ms = await asyncio.to_thread(self._render, job, active, interrupted)
+        return image, inference_ms, cache
 
     def describe(self) -> dict:
         """This replica's state, as /models shows it."""
@@ -197,13 +216,23 @@ class DiffusionDeployment:
         self._m_evictions.inc()
         self._report()
 
-    def _render(self, job: GenerationJob, active: list[ActiveAdapter]):
+    def _render(self, job: GenerationJob, active: list[ActiveAdapter], interrupted):
         self.adapters.activate(active)
         kwargs = self.family.pipeline_kwargs(job)
         generator = torch.Generator(device="cpu").manual_seed(job.seed)
+
+        def stop_if_interrupted(pipe, step, timestep, callback_kwargs):
+            pipe._interrupt = interrupted.is_set()  # diffusers skips the remaining steps
+            return callback_kwargs
+
         started = time.perf_counter()
         with torch.inference_mode():
-            output = self.pipe(**kwargs, generator=generator, output_type="pil")
+            output = self.pipe(
+                **kwargs,
+                generator=generator,
+                output_type="pil",
+                callback_on_step_end=stop_if_interrupted,
+            )
         elapsed_s = time.perf_counter() - started
         self._m_generation_s.observe(elapsed_s)
         return output.images[0], elapsed_s * 1000.0

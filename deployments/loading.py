@@ -45,7 +45,9 @@ def load_pipeline(family: str, model_uri: str, dtype: str = "auto", device: str 
             pipe = spec.pipeline_class.from_pretrained(source, torch_dtype=torch_dtype)
         except Exception as e:
             raise ModelLoadError(f"cannot load {family} model from {model_uri!r}: {e}") from e
-    pipe.to(device=device, dtype=torch_dtype)
+    if pipe.dtype != torch_dtype:  # casting a model already in its dtype only logs warnings
+        pipe.to(dtype=torch_dtype)
+    pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -244,3 +244,12 @@ def test_health_models_and_docs(service):
     assert flux["endpoints"] == ["/flux", "/flux-lora"]
     assert service.get("/docs").status_code == 200
     assert "/{endpoint}" in service.get("/openapi.json").json()["paths"]
+
+
+def test_a_request_abandoned_by_its_client_leaves_the_next_one_intact(service):
+    expected = generate(service, lora_id="b").content
+    slow = {"prompt": "slow", "lora_id": "a", "seed": 1, "width": 512, "height": 512, "steps": 150}
+    with pytest.raises(httpx.ReadTimeout):
+        service.post("/flux-lora", json=slow, timeout=1.0)
+    assert generate(service, lora_id="b").content == expected
+    assert generate(service, "/flux").status_code == 200

@@ -60,13 +60,15 @@ def test_trigger_words_are_prepended_once():
     assert again.prompt_with_triggers() == "ohwx woman in a garden"
 
 
-def test_local_yaml_args_are_a_valid_app_config():
-    serve_config = yaml.safe_load((REPO_ROOT / "cluster" / "local.yaml").read_text())
-    [application] = serve_config["applications"]
-    config = AppConfig.model_validate(application["args"])
+def test_a_relative_lora_root_is_made_absolute():
+    config = AppConfig.model_validate(
+        {"lora_root": "./models/loras", "models": [{"name": "flux", "family": "flux"}]}
+    )
     assert Path(config.lora_root).is_absolute()
-    names = {d["name"] for d in application["deployments"]}
-    assert {m.name for m in config.models} <= names
+    remote = AppConfig.model_validate(
+        {"lora_root": "s3://b/loras", "models": [{"name": "flux", "family": "flux"}]}
+    )
+    assert remote.lora_root == "s3://b/loras"
 
 
 def test_config_overrides_only_the_defaults_it_names():
@@ -80,3 +82,15 @@ def test_config_overrides_only_the_defaults_it_names():
 def test_unknown_family_is_refused_with_its_name():
     with pytest.raises(ValidationError, match="unknown family 'nope'"):
         AppConfig.model_validate({"models": [{"name": "x", "family": "nope"}]})
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "production.yaml"])
+def test_cluster_configs_are_valid_serve_and_app_configs(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    serve_config = yaml.safe_load((REPO_ROOT / "cluster" / name).read_text())
+    ServeDeploySchema.model_validate(serve_config)
+    for application in serve_config["applications"]:
+        config = AppConfig.model_validate(application["args"])
+        deployments = {d["name"] for d in application["deployments"]}
+        assert {m.name for m in config.models} | {"Ingress"} == deployments
