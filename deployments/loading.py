@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
 import fsspec
@@ -42,7 +43,7 @@ def load_pipeline(family: str, model_uri: str, dtype: str = "auto", device: str 
     else:
         source = _local_source(model_uri)
         try:
-            pipe = spec.pipeline_class.from_pretrained(source, torch_dtype=torch_dtype)
+            pipe = spec.pipeline_class.from_pretrained(source, dtype=torch_dtype)
         except Exception as e:
             raise ModelLoadError(f"cannot load {family} model from {model_uri!r}: {e}") from e
     if pipe.dtype != torch_dtype:  # casting a model already in its dtype only logs warnings
@@ -66,14 +67,24 @@ def _local_source(model_uri: str) -> str:
 
 
 def _copy_tree(model_uri: str, target: Path) -> None:
-    # Copy into a sibling folder and rename, so a half-copied model is never taken for whole.
+    # Copy into a private sibling folder and rename, so a half-copied model is never taken for
+    # whole; replicas starting together may race, and the first rename wins.
     fs, root = fsspec.core.url_to_fs(model_uri)
     partial = target.with_name(target.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
     try:
         fs.get(root.rstrip("/") + "/", str(partial) + "/", recursive=True)
+        if not (partial / "model_index.json").exists():
+            raise ModelLoadError(f"{model_uri!r} holds no diffusers model (no model_index.json)")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(partial, target)
+    except ModelLoadError:
+        raise
+    except OSError as e:
+        if (target / "model_index.json").exists():
+            return  # another replica finished the same copy first
+        raise ModelLoadError(f"cannot copy model from {model_uri!r}: {e}") from e
     except Exception as e:
         raise ModelLoadError(f"cannot copy model from {model_uri!r}: {e}") from e
-    if not (partial / "model_index.json").exists():
-        raise ModelLoadError(f"{model_uri!r} holds no diffusers model (no model_index.json)")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)

@@ -161,13 +161,16 @@ def test_evicted_adapter_reloads_to_the_same_image(service):
 
 
 def test_concurrent_requests_with_different_adapters_match_sequential(service):
+    # Five adapters over two hot slots: loads and evictions happen while others generate.
     bodies = [
         {"lora_id": "a"},
         {"lora_id": "b", "lora_strength": 0.5},
         {"loras": [{"id": "a", "strength": 0.3}, {"id": "b"}]},
         {},
-        {"lora_id": "a", "seed": 11},
-        {"lora_id": "b", "seed": 12},
+        {"lora_id": "f", "seed": 11},
+        {"lora_id": "g", "seed": 12},
+        {"loras": [{"id": "h"}, {"id": "a", "strength": 0.7}]},
+        {"lora_name": "styles/ink.safetensors"},
     ]
     sequential = [generate(service, **body).content for body in bodies]
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:

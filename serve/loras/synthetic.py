@@ -28,6 +28,7 @@ def lora_tensors(
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, module in model.named_modules():
+        name = name.removesuffix(".base_layer")  # peft wraps layers that held adapters
         if isinstance(module, nn.Linear) and name.endswith(targets):
             down = torch.randn(rank, module.in_features, generator=generator)
             up = torch.randn(module.out_features, rank, generator=generator)
