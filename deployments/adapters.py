@@ -23,7 +23,7 @@ from diffusers.loaders.lora_base import (
 from diffusers.models.modeling_utils import ModelMixin
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from deployments.family import Family
+from deployments.family import Family, detect_lora_family
 from serve.errors import LoraIncompatible
 
 MAX_KEY_EXAMPLES = 3
@@ -54,7 +54,20 @@ class PipelineAdapters:
 
     def check(self, tensors: dict[str, torch.Tensor], label: str) -> int:
         """Count the file's LoRA matrices that fit a module of this model, without touching the
-        pipeline; LoraIncompatible when too few fit. Safe to call beside a generation."""
+        pipeline; LoraIncompatible when too few fit, naming the family the file is for when its
+        keys say. Safe to call beside a generation."""
+        try:
+            return self._count_matches(tensors, label)
+        except LoraIncompatible as e:
+            made_for = detect_lora_family(tensors)
+            if made_for is None or made_for == self.family.name:
+                raise
+            raise LoraIncompatible(
+                f"Failed to load LoRA: {label}: a {made_for} LoRA cannot be used with "
+                f"{self.family.name} ({e.message.split(': ', 2)[-1]})"
+            ) from e
+
+    def _count_matches(self, tensors: dict[str, torch.Tensor], label: str) -> int:
         try:
             converted = self.pipe.lora_state_dict(dict(tensors))  # diffusers' format conversion
         except Exception as e:

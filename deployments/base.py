@@ -24,7 +24,7 @@ from serve.config import ModelConfig
 from serve.errors import InvalidRequest
 from serve.loras.files import parse_lora_file
 from serve.loras.store import LoraRef, LoraStore
-from serve.media import encode_image
+from serve.media import encode_image, encode_video, image_size
 from serve.registry import registry_for
 from serve.schemas import AdapterUse, GenerationJob, GenerationResult
 
@@ -86,7 +86,7 @@ class DiffusionDeployment:
         self._report()
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
-        self._check_job(job)
+        job = self._resolve_job(job)
         # Read and parse cold files before taking the lock, so I/O overlaps other generations.
         staged = {
             use.key: await asyncio.to_thread(self._read_adapter, use)
@@ -104,7 +104,7 @@ class DiffusionDeployment:
         except asyncio.CancelledError:
             interrupted.set()
             raise
-        content = await asyncio.to_thread(encode_image, image, self.family.media_type)
+        content = await asyncio.to_thread(self._encode, image, job)
         gpu_seconds = inference_ms / 1000.0 * self._gpu_share
         cost_usd = gpu_seconds * self.model.price_per_gpu_hour / 3600.0
         self._m_gpu_s.inc(gpu_seconds)
@@ -153,8 +153,19 @@ class DiffusionDeployment:
         if registry is not None:
             registry.remove.remote(self.replica_id)
 
-    def _check_job(self, job: GenerationJob) -> None:
+    def _resolve_job(self, job: GenerationJob) -> GenerationJob:
+        """The job with sizes filled from an input image and checked against the model."""
         multiple = self.family.size_multiple(self.pipe)
+        if job.width is None or job.height is None:
+            if job.image is None:
+                raise InvalidRequest("width and height: required for a model without input image")
+            image_width, image_height = image_size(job.image)
+            job = job.model_copy(
+                update={
+                    "width": job.width or max(multiple, image_width // multiple * multiple),
+                    "height": job.height or max(multiple, image_height // multiple * multiple),
+                }
+            )
         for field in ("width", "height"):
             value = getattr(job, field)
             if value % multiple:
@@ -167,6 +178,7 @@ class DiffusionDeployment:
                 f"loras: {len(keys)} adapters, but this model keeps at most "
                 f"{self.model.max_adapters_per_replica} per replica"
             )
+        return job
 
     async def _ensure_hot(self, uses: list[AdapterUse], staged: dict) -> list[str]:
         """Load each adapter of the stack unless hot; 'hit' or 'miss' per adapter, in order."""
@@ -235,7 +247,13 @@ class DiffusionDeployment:
             )
         elapsed_s = time.perf_counter() - started
         self._m_generation_s.observe(elapsed_s)
-        return output.images[0], elapsed_s * 1000.0
+        media = output.frames[0] if self.family.output == "video" else output.images[0]
+        return media, elapsed_s * 1000.0
+
+    def _encode(self, media, job: GenerationJob) -> bytes:
+        if self.family.output == "video":
+            return encode_video(list(media), self.family.media_type, job.fps)
+        return encode_image(media, self.family.media_type)
 
     def _report(self) -> None:
         self._registry.report.remote(self.describe())

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from serve.schemas import GenerationDefaults, GenerationJob
+from serve.schemas import GenerationDefaults, GenerationJob, GenerationRequest
 
 # Family name -> module that defines `FAMILY`. Imported on first use, so reading a config does
 # not build or import a model it does not serve.
@@ -40,10 +40,29 @@ class Family:
     """Maps a resolved job to the pipeline call's keyword arguments (no generator)."""
     size_multiple: Callable[[Any], int]
     """The loaded pipeline's width and height step in pixels (VAE scale x patch size)."""
+    request_model: type[GenerationRequest] = GenerationRequest
+    """The endpoint's body: GenerationRequest, VideoRequest (length, fps) or EditRequest."""
+    output: Literal["image", "video"] = "image"
+    """image: the pipeline returns `.images`; video: `.frames`, encoded at the job's fps."""
+    check_job: Callable[[GenerationJob], None] | None = None
+    """Family-specific rules on a resolved job (Wan's 4k+1 frames); raises InvalidRequest."""
+    lora_markers: tuple[str, ...] = ()
+    """Key fragments found only in this family's LoRA files, so a LoRA sent to the wrong
+    endpoint is refused with both families named."""
 
     @property
     def lora_components(self) -> tuple[str, ...]:
         return (self.denoiser_component, *self.text_encoder_components)
+
+
+def detect_lora_family(keys) -> str | None:
+    """The family whose LoRA key markers the most keys carry, or None if no marker matches."""
+    scores = {}
+    for name in FAMILY_NAMES:
+        markers = get_family(name).lora_markers
+        scores[name] = sum(any(m in key for m in markers) for key in keys) if markers else 0
+    best = max(scores, key=scores.get)
+    return best if scores[best] > 0 else None
 
 
 def get_family(name: str) -> Family:

@@ -134,4 +134,5 @@ FAMILY = Family(
     pipeline_kwargs=pipeline_kwargs,
     # Flux packs 2x2 latent patches: sizes step by twice the VAE's down-sampling.
     size_multiple=lambda pipe: pipe.vae_scale_factor * 2,
+    lora_markers=("single_transformer_blocks", "double_blocks", "single_blocks", "ff_context"),
 )

@@ -16,6 +16,7 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    Qwen2Tokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
@@ -38,6 +39,33 @@ _T5_PIECES = ["\u2581", *(c for c in string.printable if not c.isspace())]
 _T5_VOCAB = [(tok, 0.0) for tok in _T5_SPECIALS] + [(p, -1.0) for p in _T5_PIECES]
 T5_VOCAB_SIZE = len(_T5_VOCAB)
 T5_PAD_ID, T5_EOS_ID = 0, 1
+
+
+# Qwen2 (Qwen2.5-VL, Qwen3): byte-level BPE without merges, plus the chat-template and vision
+# specials the Qwen pipelines write into their prompt templates.
+QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+_QWEN_VOCAB = {tok: i for i, tok in enumerate(_BYTES)}
+QWEN_VOCAB_SIZE = len(_QWEN_VOCAB) + len(QWEN_SPECIALS)
+
+
+def tiny_qwen2_tokenizer(model_max_length: int = 1024) -> Qwen2Tokenizer:
+    """Byte-level Qwen2 tokenizer (the class Qwen-Image, its Edit variant and Z-Image use).
+    Special tokens take ids after the 256 byte tokens, in QWEN_SPECIALS order."""
+    tokenizer = Qwen2Tokenizer(
+        vocab=dict(_QWEN_VOCAB),
+        merges=[],
+        model_max_length=model_max_length,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIALS[1:])})
+    return tokenizer
 
 
 def tiny_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:

@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.family import get_family
 from serve.config import AppConfig, ModelConfig
 from serve.errors import (
     InvalidRequest,
@@ -25,8 +26,9 @@ from serve.errors import (
     Unauthorized,
 )
 from serve.loras.store import LoraStore
+from serve.media import decode_input_image
 from serve.registry import registry_for
-from serve.schemas import AdapterUse, GenerationJob, GenerationRequest
+from serve.schemas import AdapterUse, EditRequest, GenerationJob, GenerationRequest
 
 STATUS_BY_CODE = {
     "lora_required": 400,
@@ -164,10 +166,13 @@ class Ingress:
         model, lora_required = found
         body = await _read_json(request, self.config.max_body_bytes)
         try:
-            generation = GenerationRequest.model_validate(body)
+            generation = get_family(model.family).request_model.model_validate(body)
         except ValidationError as e:
             raise InvalidRequest(_describe_validation_error(e)) from e
         job = self._job_for(model, generation, lora_required)
+        family = get_family(model.family)
+        if family.check_job is not None:
+            family.check_job(job)
         handle = self.handles[model.name]
         if job.adapters:
             handle = handle.options(multiplexed_model_id=job.adapters[0].key)
@@ -202,13 +207,19 @@ class Ingress:
                 AdapterUse(key=ref.key, name=ref.name, strength=spec.strength, clip_strength=clip)
             )
         defaults = model.generation_defaults()
+        image = decode_input_image(request.image) if isinstance(request, EditRequest) else None
+        # An edit keeps its input image's size unless the request says otherwise.
+        default_width, default_height = (None, None) if image else (defaults.width, defaults.height)
         return GenerationJob(
             prompt=request.prompt_with_triggers(),
             negative_prompt=request.negative_prompt,
-            width=request.width or defaults.width,
-            height=request.height or defaults.height,
+            width=request.width or default_width,
+            height=request.height or default_height,
             steps=request.steps or defaults.steps,
             cfg=defaults.cfg if request.cfg is None else request.cfg,
             seed=secrets.randbelow(MAX_SEED_DRAWN) if request.seed is None else request.seed,
             adapters=adapters,
+            length=getattr(request, "length", None) or defaults.length,
+            fps=getattr(request, "fps", None) or defaults.fps,
+            image=image,
         )

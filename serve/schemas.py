@@ -20,6 +20,8 @@ class GenerationDefaults(BaseModel):
     height: int = Field(default=1024, ge=64, le=4096)
     steps: int = Field(default=20, ge=1, le=200)
     cfg: float = Field(default=3.5, ge=0.0, le=30.0)
+    length: int | None = Field(default=None, ge=1, le=1025, description="Video frames.")
+    fps: int | None = Field(default=None, ge=1, le=120, description="Video frame rate.")
 
 
 class DefaultsOverride(BaseModel):
@@ -31,6 +33,8 @@ class DefaultsOverride(BaseModel):
     height: int | None = Field(default=None, ge=64, le=4096)
     steps: int | None = Field(default=None, ge=1, le=200)
     cfg: float | None = Field(default=None, ge=0.0, le=30.0)
+    length: int | None = Field(default=None, ge=1, le=1025)
+    fps: int | None = Field(default=None, ge=1, le=120)
 
 
 class LoraSpec(BaseModel):
@@ -137,6 +141,28 @@ class GenerationRequest(BaseModel):
         return ", ".join([*words, self.prompt])
 
 
+class VideoRequest(GenerationRequest):
+    """Video endpoints add the clip's length in frames and its frame rate."""
+
+    length: int | None = Field(
+        default=None, ge=1, le=257, description="Frames; Wan needs 4k+1 (33, 49, 81)."
+    )
+    fps: int | None = Field(default=None, ge=1, le=60, description="Frames per second.")
+
+
+MAX_IMAGE_BASE64_CHARS = 48 * 1024 * 1024
+
+
+class EditRequest(GenerationRequest):
+    """Edit endpoints add the input image; width and height default to the image's size."""
+
+    image: str = Field(
+        min_length=1,
+        max_length=MAX_IMAGE_BASE64_CHARS,
+        description="The image to edit: base64, or a data URI (data:image/png;base64,...).",
+    )
+
+
 class AdapterUse(BaseModel):
     """A resolved adapter as a replica receives it."""
 
@@ -155,12 +181,15 @@ class GenerationJob(BaseModel):
 
     prompt: str
     negative_prompt: str
-    width: int
-    height: int
+    width: int | None = Field(description="None: the input image's, for edit models.")
+    height: int | None
     steps: int
     cfg: float
     seed: int
     adapters: list[AdapterUse]
+    length: int | None = None
+    fps: int | None = None
+    image: bytes | None = Field(default=None, description="Encoded input image (edit models).")
 
 
 class GenerationResult(BaseModel):
