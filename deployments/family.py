@@ -17,6 +17,11 @@ from serve.schemas import GenerationDefaults, GenerationJob, GenerationRequest
 # not build or import a model it does not serve.
 _FAMILY_MODULES = {
     "flux": "deployments.flux",
+    "qwen_image": "deployments.qwen_image",
+    "qwen_image_edit": "deployments.qwen_image_edit",
+    "z_image": "deployments.z_image",
+    "wan": "deployments.wan",
+    "sdxl": "deployments.sdxl",
 }
 FAMILY_NAMES = tuple(_FAMILY_MODULES)
 
