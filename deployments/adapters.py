@@ -21,6 +21,11 @@ from diffusers.loaders.lora_base import (
     set_adapters_for_text_encoder,
 )
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.state_dict_utils import (
+    convert_state_dict_to_diffusers,
+    convert_state_dict_to_peft,
+    convert_unet_state_dict_to_peft,
+)
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from deployments.family import Family, detect_lora_family
@@ -68,12 +73,19 @@ class PipelineAdapters:
             ) from e
 
     def _count_matches(self, tensors: dict[str, torch.Tensor], label: str) -> int:
+        # Converters may scale the caller's tensors in place (diffusers' ComfyUI Wan converter
+        # does), and the same tensors are loaded next: convert copies.
+        copies = {key: tensor.clone() for key, tensor in tensors.items()}
+        extra = {}
+        if getattr(self.pipe, "unet", None) is not None:
+            extra["unet_config"] = self.pipe.unet.config  # maps kohya SDXL's SGM block names
         try:
-            converted = self.pipe.lora_state_dict(dict(tensors))  # diffusers' format conversion
+            converted = self.pipe.lora_state_dict(copies, **extra)  # diffusers' format conversion
+            if isinstance(converted, tuple):
+                converted = converted[0]
+            converted = self._peft_layout(converted)
         except Exception as e:
             raise LoraIncompatible(f"Failed to load LoRA: {label}: {e}") from e
-        if isinstance(converted, tuple):
-            converted = converted[0]
         matrices = [key for key in converted if ".lora_A." in key or ".lora_B." in key]
         unmatched = [key for key in matrices if not self._fits(key, converted[key])]
         matched = len(matrices) - len(unmatched)
@@ -84,6 +96,28 @@ class PipelineAdapters:
                 f"LoRA matrices match the {self.family.name} model; unmatched e.g. {examples}"
             )
         return matched
+
+    def _peft_layout(self, converted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The keys as peft names them once loaded. `lora_state_dict` leaves UNet-family files
+        in diffusers' older layouts (`to_q_lora.down`) and CLIP keys with the `text_model.`
+        prefix that transformers 5 dropped; `load_lora_weights` renames both on the way in, per
+        component, and this does the same renaming, without loading."""
+        by_component: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in converted.items():
+            attr, _, rest = key.partition(".")
+            by_component.setdefault(attr, {})[rest] = tensor
+        renamed = {}
+        for attr, part in by_component.items():
+            if not any(".lora_A." in key or ".lora_B." in key for key in part):
+                if attr in self.family.text_encoder_components:
+                    part = _text_encoder_peft_layout(part)
+                else:
+                    part = convert_unet_state_dict_to_peft(part)
+            component = getattr(self.pipe, attr, None)
+            if attr in self.family.text_encoder_components and not hasattr(component, "text_model"):
+                part = {key.removeprefix("text_model."): tensor for key, tensor in part.items()}
+            renamed.update({f"{attr}.{key}": tensor for key, tensor in part.items()})
+        return renamed
 
     def _fits(self, key: str, tensor: torch.Tensor) -> bool:
         """Whether `<component>.<module>.lora_{A,B}.weight` names a module this matrix fits."""
@@ -163,6 +197,13 @@ class PipelineAdapters:
             component = getattr(self.pipe, attr, None)
             if component is not None:
                 yield component
+
+
+def _text_encoder_peft_layout(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    try:
+        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+    except ValueError:  # a layout diffusers does not know: left as is, to be counted unmatched
+        return part
 
 
 def _activate_component(component, names: list[str], weights: list[float]) -> None:

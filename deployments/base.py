@@ -10,6 +10,8 @@ eviction therefore always waits for the generation in flight.
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 import threading
 import time
 
@@ -142,6 +144,7 @@ class DiffusionDeployment:
             "adapter_loads": self._loads,
             "adapter_hits": self._hits,
             "adapter_evictions": self._evictions,
+            "rss_mb": round(_resident_memory_mb(), 1),
         }
 
     def check_health(self) -> None:
@@ -257,6 +260,15 @@ class DiffusionDeployment:
 
     def _report(self) -> None:
         self._registry.report.remote(self.describe())
+
+
+def _resident_memory_mb() -> float:
+    """This process's resident memory now (Linux), else its peak."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _gpu_share() -> float:

@@ -51,6 +51,9 @@ class Family:
     """image: the pipeline returns `.images`; video: `.frames`, encoded at the job's fps."""
     check_job: Callable[[GenerationJob], None] | None = None
     """Family-specific rules on a resolved job (Wan's 4k+1 frames); raises InvalidRequest."""
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    """Name endings of the denoiser's Linear layers a LoRA of this family trains (attention
+    projections by default): what training adds adapters to, and what demo adapters touch."""
     lora_markers: tuple[str, ...] = ()
     """Key fragments found only in this family's LoRA files, so a LoRA sent to the wrong
     endpoint is refused with both families named."""

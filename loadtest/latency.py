@@ -39,7 +39,8 @@ def write_adapters(lora_root: Path, family: str, count: int) -> list[str]:
     names = []
     for i in range(count):
         name = f"latency-{run}-{i}.safetensors"
-        write_lora(lora_root / name, lora_tensors(denoiser, spec.denoiser_component, seed=i))
+        tensors = lora_tensors(denoiser, spec.denoiser_component, seed=i, targets=spec.lora_targets)
+        write_lora(lora_root / name, tensors)
         names.append(name)
     return names
 

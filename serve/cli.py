@@ -17,7 +17,13 @@ def demo_lora(args: argparse.Namespace) -> None:
     family = get_family(args.family)
     pipe = load_pipeline(args.family, f"tiny://{args.family}")
     denoiser = getattr(pipe, family.denoiser_component)
-    tensors = lora_tensors(denoiser, family.denoiser_component, seed=args.seed, rank=args.rank)
+    tensors = lora_tensors(
+        denoiser,
+        family.denoiser_component,
+        seed=args.seed,
+        rank=args.rank,
+        targets=family.lora_targets,
+    )
     path = write_lora(
         Path(args.lora_root) / f"{args.name}.safetensors",
         tensors,

@@ -4,87 +4,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import torch
-import yaml
 from PIL import Image
 
-from tests.lora_files import lora_tensors, write_lora
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 SMALL = {"width": 256, "height": 256, "steps": 4}
-MAX_ADAPTERS = 2
-
-
-@pytest.fixture(scope="session")
-def tiny_flux():
-    from deployments import load_pipeline
-
-    return load_pipeline("flux", "tiny://flux")
-
-
-@pytest.fixture(scope="session")
-def lora_root(tmp_path_factory, tiny_flux):
-    """A LoRA root with diffusers, kohya and broken files for the tiny Flux model."""
-    root = tmp_path_factory.mktemp("loras")
-    transformer = tiny_flux.transformer
-    for seed, lora_id in enumerate(["a", "b", "c", "d", "e", "f", "g", "h", "k"], start=1):
-        write_lora(
-            root / f"character-{lora_id}.safetensors",
-            lora_tensors(transformer, "transformer", seed),
-        )
-    write_lora(root / "styles" / "ink.safetensors", lora_tensors(transformer, "transformer", 99))
-    (root / "character-corrupt.safetensors").write_bytes(
-        b"\x10\x00\x00\x00\x00\x00\x00\x00{not json"
-    )
-    write_lora(
-        root / "character-nomatch.safetensors",
-        {
-            "transformer.no_such_block.to_q.lora_A.weight": torch.ones(4, 8),
-            "transformer.no_such_block.to_q.lora_B.weight": torch.ones(8, 4),
-        },
-    )
-    write_lora(  # an SDXL-style UNet LoRA: another base model entirely
-        root / "character-sdxl.safetensors",
-        {
-            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.ones(4, 320),
-            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.ones(320, 4),
-            "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
-        },
-    )
-    wide = lora_tensors(transformer, "transformer", 5)
-    write_lora(  # right key names, wrong shapes: a LoRA for a bigger Flux
-        root / "character-wide.safetensors",
-        {
-            k: torch.cat([v, v], dim=1 if k.endswith("lora_A.weight") else 0)
-            for k, v in wide.items()
-        },
-    )
-    (tmp_path_factory.getbasetemp() / "outside.safetensors").write_bytes(
-        (root / "character-a.safetensors").read_bytes()
-    )
-    return root
-
-
-@pytest.fixture(scope="session")
-def service(ray_cluster, lora_root):
-    """The app from cluster/local.yaml, built by the product's own builder, on a test root."""
-    from ray import serve
-
-    from serve.app import build_app
-
-    serve_config = yaml.safe_load((REPO_ROOT / "cluster" / "local.yaml").read_text())
-    args = serve_config["applications"][0]["args"]
-    args["lora_root"] = str(lora_root)
-    for model in args["models"]:
-        model["max_adapters_per_replica"] = MAX_ADAPTERS
-    serve.run(build_app(args), name="loraplex", route_prefix="/")
-    with httpx.Client(base_url=ray_cluster, timeout=120) as client:
-        yield client
 
 
 def generate(client, path="/flux-lora", **body):
@@ -242,7 +168,7 @@ def test_unknown_endpoint_is_404(service):
 
 def test_health_models_and_docs(service):
     assert service.get("/healthz").json() == {"status": "ok"}
-    [flux] = service.get("/models").json()["models"]
+    [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
     assert flux["family"] == "flux" and flux["model_uri"] == "tiny://flux"
     assert flux["endpoints"] == ["/flux", "/flux-lora"]
     assert service.get("/docs").status_code == 200
@@ -256,3 +182,13 @@ def test_a_request_abandoned_by_its_client_leaves_the_next_one_intact(service):
         service.post("/flux-lora", json=slow, timeout=1.0)
     assert generate(service, lora_id="b").content == expected
     assert generate(service, "/flux").status_code == 200
+
+
+def test_a_body_over_the_limit_is_413(service):
+    response = service.post("/flux", content=b"{" + b" " * (5 * 1024 * 1024) + b"}")
+    assert error_of(response, 413, "too_large").startswith("body:")
+
+
+def test_a_body_that_is_not_json_is_422(service):
+    response = service.post("/flux", content=b"{not json")
+    assert error_of(response, 422, "invalid_request").startswith("body:")

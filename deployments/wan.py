@@ -1,0 +1,175 @@
+"""Wan 2.x text-to-video family: WanPipeline, served at /wan2.6 and /wan2.6-lora.
+
+The endpoint returns an animated WebP; a clip's length must be 4k+1 frames because the Wan VAE
+compresses time 4x around a first frame of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKLWan,
+    UniPCMultistepScheduler,
+    WanPipeline,
+    WanTransformer3DModel,
+)
+from transformers import UMT5Config, UMT5EncoderModel
+
+from deployments.family import Family
+from deployments.tiny import T5_EOS_ID, T5_PAD_ID, T5_VOCAB_SIZE, tiny_t5_tokenizer
+from serve.errors import InvalidRequest
+from serve.schemas import GenerationDefaults, GenerationJob, VideoRequest
+
+VAE_TEMPORAL_FACTOR = 4
+# The transformer's attention projections: self-attention over the video tokens (attn1) and
+# cross-attention to the prompt (attn2), which every Wan LoRA trainer targets.
+LORA_TARGETS = tuple(
+    f"{attn}.{proj}" for attn in ("attn1", "attn2") for proj in ("to_q", "to_k", "to_v", "to_out.0")
+)
+
+_TINY_SEED = 0
+_TINY_TEXT_DIM = 32
+_TINY_LATENT_CHANNELS = 4
+# At default init the projected prompt tokens (rms 0.12) are small next to the video tokens (rms
+# 0.6), so cross-attention barely moves the video and different prompts give near-identical
+# clips; 4x on the prompt projection (both layers) makes the prompt show.
+_TINY_TEXT_GAIN = 4.0
+# The VAE folds 4x4 pixel patches into channels (as Wan 2.2's VAE does with 2x2) and then
+# down-samples twice: 16x spatially, so its full-resolution convolutions run on 1/16 of the
+# pixels and 832x480x33 decodes in seconds on a CPU.
+_TINY_VAE_PATCH = 4
+
+
+def _tiny_text_encoder() -> UMT5EncoderModel:
+    config = UMT5Config(
+        vocab_size=T5_VOCAB_SIZE,
+        d_model=_TINY_TEXT_DIM,
+        d_kv=_TINY_TEXT_DIM // 2,
+        d_ff=2 * _TINY_TEXT_DIM,
+        num_layers=2,
+        num_heads=2,
+        # No dropout: a freshly built model is in train mode until eval(), and dropout would
+        # make outputs depend on the global RNG.
+        dropout_rate=0.0,
+        pad_token_id=T5_PAD_ID,
+        eos_token_id=T5_EOS_ID,
+        decoder_start_token_id=T5_PAD_ID,
+    )
+    torch.manual_seed(_TINY_SEED)
+    return UMT5EncoderModel(config).eval()
+
+
+def _tiny_transformer() -> WanTransformer3DModel:
+    torch.manual_seed(_TINY_SEED)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        # Rotary embedding splits a head over (t, h, w); 12 gives each axis 4 channels.
+        attention_head_dim=12,
+        in_channels=_TINY_LATENT_CHANNELS,
+        out_channels=_TINY_LATENT_CHANNELS,
+        text_dim=_TINY_TEXT_DIM,
+        freq_dim=32,
+        ffn_dim=48,
+        num_layers=1,
+    ).eval()
+    with torch.no_grad():
+        for parameter in model.condition_embedder.text_embedder.parameters():
+            parameter.mul_(_TINY_TEXT_GAIN)
+    return model
+
+
+def _tiny_vae() -> AutoencoderKLWan:
+    torch.manual_seed(_TINY_SEED)
+    pixels_per_patch = 3 * _TINY_VAE_PATCH**2
+    return AutoencoderKLWan(
+        # Two channels at the highest resolution: the decoder's cost grows with output pixels.
+        base_dim=2,
+        z_dim=_TINY_LATENT_CHANNELS,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=0,
+        temperal_downsample=[True, True],
+        # The pipeline de-normalises latents with these; one entry per latent channel.
+        latents_mean=[0.0] * _TINY_LATENT_CHANNELS,
+        latents_std=[1.0] * _TINY_LATENT_CHANNELS,
+        in_channels=pixels_per_patch,
+        out_channels=pixels_per_patch,
+        patch_size=_TINY_VAE_PATCH,
+        scale_factor_temporal=VAE_TEMPORAL_FACTOR,
+        scale_factor_spatial=2**2 * _TINY_VAE_PATCH,  # two down-samplings after the patches
+    ).eval()
+
+
+def _tiny_scheduler() -> UniPCMultistepScheduler:
+    # Wan 2.1's own scheduler settings; flow_shift 3.0 is Wan's value for 480p.
+    return UniPCMultistepScheduler(
+        prediction_type="flow_prediction",
+        use_flow_sigmas=True,
+        flow_shift=3.0,
+    )
+
+
+def build_tiny_wan() -> WanPipeline:
+    """Randomly initialised Wan-2.1-T2V-shaped pipeline, identical on every call."""
+    return WanPipeline(
+        tokenizer=tiny_t5_tokenizer(),
+        text_encoder=_tiny_text_encoder(),
+        vae=_tiny_vae(),
+        scheduler=_tiny_scheduler(),
+        transformer=_tiny_transformer(),
+    )
+
+
+def pipeline_kwargs(job: GenerationJob) -> dict[str, Any]:
+    """Wan runs true classifier-free guidance at `cfg`; the negative prompt is its unconditional
+    branch (empty when none is given)."""
+    return {
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "width": job.width,
+        "height": job.height,
+        "num_frames": job.length,
+        "num_inference_steps": job.steps,
+        "guidance_scale": job.cfg,
+    }
+
+
+def check_job(job: GenerationJob) -> None:
+    """WanPipeline would silently round another length to 4k+1 frames: refuse it instead."""
+    if job.length is None or job.length % VAE_TEMPORAL_FACTOR != 1:
+        raise InvalidRequest(
+            f"length: must be 4k+1 frames for Wan (e.g. 33, 49, 81), got {job.length}"
+        )
+
+
+def _size_multiple(pipe: WanPipeline) -> int:
+    # The transformer packs patch_size latent pixels into one token.
+    return pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
+
+
+FAMILY = Family(
+    name="wan",
+    endpoint="wan2.6",
+    defaults=GenerationDefaults(width=832, height=480, steps=30, cfg=6.0, length=33, fps=16),
+    media_type="image/webp",
+    pipeline_class=WanPipeline,
+    build_tiny=build_tiny_wan,
+    denoiser_component="transformer",
+    # Wan LoRAs (musubi-tuner, diffusers) train the transformer only.
+    text_encoder_components=(),
+    pipeline_kwargs=pipeline_kwargs,
+    size_multiple=_size_multiple,
+    request_model=VideoRequest,
+    output="video",
+    check_job=check_job,
+    # Wan's transformer is a flat `blocks` list (no other family has one) and only Wan names its
+    # prompt attention cross_attn: diffusers, ComfyUI/musubi and kohya-style musubi keys.
+    lora_markers=(
+        "transformer.blocks.",
+        "diffusion_model.blocks.",
+        "lora_unet_blocks_",
+        "cross_attn",
+    ),
+)

@@ -1,0 +1,162 @@
+"""Z-Image Turbo family: ZImagePipeline, served at /z-image and /z-image-lora."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    ZImagePipeline,
+    ZImageTransformer2DModel,
+)
+from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
+
+from deployments.family import Family
+from deployments.tiny import QWEN_VOCAB_SIZE, tiny_qwen2_tokenizer
+from serve.schemas import GenerationDefaults, GenerationJob
+
+_TINY_SEED = 0
+_TINY_TEXT_DIM = 32
+_TINY_LATENT_CHANNELS = 4
+_TINY_MAX_TOKENS = 512  # the pipeline pads every prompt to max_sequence_length=512
+
+# Qwen3's template as the pipeline renders it (one user turn, generation prompt, thinking on):
+# the text encoder then sees the same special tokens around the prompt as with the real one.
+_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+ATTENTION_TARGETS = ("attention.to_q", "attention.to_k", "attention.to_v", "attention.to_out.0")
+FEED_FORWARD_TARGETS = ("feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+
+def _tiny_transformer() -> ZImageTransformer2DModel:
+    torch.manual_seed(_TINY_SEED)
+    return ZImageTransformer2DModel(
+        all_patch_size=(2,),
+        all_f_patch_size=(1,),
+        in_channels=_TINY_LATENT_CHANNELS,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=_TINY_TEXT_DIM,
+        # The head size (16) splits into the text-position, height and width axes of RoPE.
+        axes_dims=[4, 6, 6],
+        axes_lens=[1024, 128, 128],
+    ).eval()
+
+
+def _tiny_vae() -> AutoencoderKL:
+    torch.manual_seed(_TINY_SEED)
+    # Five blocks give vae_scale_factor 16 (32 with the 2x2 patches), so 1024x1024 is 32x32
+    # tokens. The decoder's full-resolution convolutions dominate a CPU call: 4 channels and
+    # one resnet per block (layers_per_block=0) keep them cheap.
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 5,
+        up_block_types=("UpDecoderBlock2D",) * 5,
+        block_out_channels=(4, 4, 4, 4, 4),
+        layers_per_block=0,
+        latent_channels=_TINY_LATENT_CHANNELS,
+        norm_num_groups=2,
+        sample_size=64,
+        # The pipeline computes latents / scaling_factor + shift_factor, so both must be set.
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()
+
+
+def _tiny_text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen3Model:
+    config = Qwen3Config(
+        vocab_size=QWEN_VOCAB_SIZE,
+        hidden_size=_TINY_TEXT_DIM,
+        intermediate_size=2 * _TINY_TEXT_DIM,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=_TINY_TEXT_DIM // 2,
+        max_position_embeddings=_TINY_MAX_TOKENS,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(_TINY_SEED)
+    return Qwen3Model(config).eval()
+
+
+def _tiny_tokenizer() -> Qwen2Tokenizer:
+    tokenizer = tiny_qwen2_tokenizer(model_max_length=_TINY_MAX_TOKENS)
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    return tokenizer
+
+
+def _tiny_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    # Z-Image Turbo's settings: a fixed shift of 3, no resolution-dependent shift.
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False
+    )
+
+
+def build_tiny_z_image() -> ZImagePipeline:
+    """Randomly initialised Z-Image-Turbo-shaped pipeline, identical on every call."""
+    tokenizer = _tiny_tokenizer()
+    return ZImagePipeline(
+        scheduler=_tiny_scheduler(),
+        vae=_tiny_vae(),
+        text_encoder=_tiny_text_encoder(tokenizer),
+        tokenizer=tokenizer,
+        transformer=_tiny_transformer(),
+    )
+
+
+def pipeline_kwargs(job: GenerationJob) -> dict[str, Any]:
+    """Classifier-free guidance at `cfg` against the negative prompt (the empty prompt when
+    none is given). LoRAs work best at 4.5; cfg 0 is Turbo's distilled single pass, which
+    ignores the negative prompt."""
+    return {
+        "prompt": job.prompt,
+        "negative_prompt": job.negative_prompt,
+        "width": job.width,
+        "height": job.height,
+        "num_inference_steps": job.steps,
+        "guidance_scale": job.cfg,
+    }
+
+
+FAMILY = Family(
+    name="z_image",
+    endpoint="z-image",
+    defaults=GenerationDefaults(width=1024, height=1024, steps=8, cfg=4.5),
+    media_type="image/jpeg",
+    pipeline_class=ZImagePipeline,
+    build_tiny=build_tiny_z_image,
+    denoiser_component="transformer",
+    # ZImageLoraLoaderMixin loads into the transformer only.
+    text_encoder_components=(),
+    pipeline_kwargs=pipeline_kwargs,
+    # The transformer packs 2x2 latent patches: sizes step by twice the VAE's down-sampling.
+    size_multiple=lambda pipe: pipe.vae_scale_factor * 2,
+    # Z-Image trainers (AI Toolkit, LyCORIS) adapt the blocks' attention and feed-forward layers.
+    lora_targets=ATTENTION_TARGETS + FEED_FORWARD_TARGETS,
+    # Module names of Z-Image's transformer: diffusers/AI Toolkit (`layers.0.attention.to_q`),
+    # kohya/musubi (`lora_unet_layers_0_attention_qkv`) and ComfyUI (`layers.0.attention.qkv`).
+    lora_markers=(
+        "noise_refiner",
+        "context_refiner",
+        ".attention.to_",
+        "_attention_to_",
+        "attention.qkv",
+        "attention_qkv",
+        "attention.out",
+        "attention_out",
+        "feed_forward",
+    ),
+)

@@ -1,0 +1,304 @@
+"""The sdxl family: the tiny StableDiffusionXLPipeline, its request mapping, and its LoRAs in
+diffusers and kohya formats, UNet and both text encoders."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+from deployments import load_pipeline
+from deployments.adapters import ActiveAdapter, PipelineAdapters
+from deployments.family import get_family
+from deployments.sdxl import FAMILY, build_tiny_sdxl
+from serve.schemas import GenerationJob
+from tests.lora_files import lora_tensors
+
+PROMPT = "a red fox in the snow"
+SMALL = {"width": 128, "height": 128, "num_inference_steps": 2}
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+# kohya vs diffusers tensors differ only in where alpha/rank (0.75) is multiplied in; measured
+# max abs pixel difference (floats in [0, 1]): 2.2e-6.
+FORMAT_TOLERANCE = 1e-4
+# Mean abs pixel difference (floats in [0, 1]) that counts as a visible change: 1.3 grey levels.
+# Measured at SMALL: rank-4 UNet attention LoRA 0.045, LoRA on both text encoders 0.028,
+# negative prompt 0.017, another prompt 0.007.
+VISIBLE = 0.005
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline("sdxl", "tiny://sdxl")
+
+
+@pytest.fixture(scope="module")
+def files(pipe):
+    """LoRA tensors made from the bare models, before any test wraps their layers with peft's."""
+    return {
+        "unet": lora_tensors(pipe.unet, "unet", 1, targets=UNET_TARGETS),
+        "unet_b": lora_tensors(pipe.unet, "unet", 2, targets=UNET_TARGETS),
+        **{
+            attr: lora_tensors(getattr(pipe, attr), attr, 3 + i, targets=CLIP_TARGETS)
+            for i, attr in enumerate(TEXT_ENCODERS)
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def base(pipe, files):
+    return image(pipe)
+
+
+@pytest.fixture(scope="module")
+def base_text(pipe, files):
+    return text_outputs(pipe)
+
+
+@pytest.fixture
+def adapters(pipe, files, base, base_text):
+    """A PipelineAdapters on the shared pipeline; each test's adapters are deleted after it."""
+    adapters = PipelineAdapters(pipe, FAMILY)
+    yield adapters
+    for name in {name for names in pipe.get_list_adapters().values() for name in names}:
+        adapters.delete(name)
+
+
+def image(pipe, seed: int = 0, prompt: str = PROMPT, **kwargs) -> np.ndarray:
+    with torch.inference_mode():
+        result = pipe(
+            prompt,
+            **{**SMALL, **kwargs},
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="np",
+        )
+    return result.images[0]
+
+
+def with_adapters(adapters, *active: ActiveAdapter) -> np.ndarray:
+    adapters.activate(list(active))
+    return image(adapters.pipe)
+
+
+def on(name: str, strength: float = 1.0, clip_strength: float = 1.0) -> ActiveAdapter:
+    return ActiveAdapter(name, strength, clip_strength)
+
+
+def text_outputs(pipe) -> list[torch.Tensor]:
+    """Each text encoder's last hidden state, and text_encoder_2's pooled projection."""
+    outputs = []
+    with torch.inference_mode():
+        for attr, tokenizer in zip(TEXT_ENCODERS, (pipe.tokenizer, pipe.tokenizer_2), strict=True):
+            ids = tokenizer(PROMPT, padding="max_length", truncation=True, return_tensors="pt")
+            out = getattr(pipe, attr)(ids.input_ids)
+            outputs.append(out.last_hidden_state.clone())
+            if attr == "text_encoder_2":
+                outputs.append(out.text_embeds.clone())
+    return outputs
+
+
+def job(**fields) -> GenerationJob:
+    defaults = FAMILY.defaults
+    values = {
+        "prompt": PROMPT,
+        "negative_prompt": "",
+        "width": defaults.width,
+        "height": defaults.height,
+        "steps": defaults.steps,
+        "cfg": defaults.cfg,
+        "seed": 0,
+        "adapters": [],
+    }
+    return GenerationJob(**{**values, **fields})
+
+
+def sgm_block(path: str, layers_per_block: int) -> str:
+    """kohya's SDXL name (the original SGM UNet's) for a diffusers attention module path:
+    input_blocks count conv_in, then each level's layers and its downsampler."""
+    step = layers_per_block + 1
+    if m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
+        return f"input_blocks.{1 + int(m[1]) * step + int(m[2])}.1.{m[3]}"
+    if m := re.match(r"mid_block\.attentions\.0\.(.+)", path):
+        return f"middle_block.1.{m[1]}"
+    if m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
+        return f"output_blocks.{int(m[1]) * step + int(m[2])}.1.{m[3]}"
+    raise ValueError(f"no SGM name for {path}")
+
+
+def kohya_sdxl(pipe, files, alpha: float):
+    """(kohya sd-scripts tensors, the same LoRA in diffusers keys) for the UNet attention and both
+    text encoders. kohya keeps lora_up unscaled and stores alpha; diffusers keys carry
+    lora_B * alpha / rank."""
+    layers_per_block = pipe.unet.config.layers_per_block
+    kohya, diffusers = {}, {}
+    for attr, stem in (
+        ("unet", "lora_unet_"),
+        ("text_encoder", "lora_te1_"),
+        ("text_encoder_2", "lora_te2_"),
+    ):
+        for key, down in files[attr].items():
+            if ".lora_A." not in key:
+                continue
+            up_key = key.replace(".lora_A.", ".lora_B.")
+            up = files[attr][up_key]
+            path = key.removeprefix(f"{attr}.").removesuffix(".lora_A.weight")
+            if attr == "unet":
+                path = sgm_block(path, layers_per_block)
+            elif not path.startswith("text_model."):
+                path = f"text_model.{path}"  # transformers 5 flattened CLIPTextModel; kohya did not
+            name = stem + path.replace(".", "_")
+            kohya[f"{name}.lora_down.weight"] = down
+            kohya[f"{name}.lora_up.weight"] = up
+            kohya[f"{name}.alpha"] = torch.tensor(alpha)
+            diffusers[key] = down
+            diffusers[up_key] = up * alpha / down.shape[0]
+    return kohya, diffusers
+
+
+def test_tiny_sdxl_is_an_sdxl_pipeline_deterministic_per_seed(pipe):
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    assert isinstance(pipe.unet, UNet2DConditionModel)
+    assert pipe.unet.config.addition_embed_type == "text_time"
+    assert isinstance(pipe.vae, AutoencoderKL)
+    assert type(pipe.text_encoder) is CLIPTextModel
+    assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
+    assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
+    assert pipe.dtype == torch.float32 and pipe.device.type == "cpu"
+    first = image(pipe, seed=3)
+    assert first.shape == (128, 128, 3)
+    assert np.array_equal(image(pipe, seed=3), first)
+    assert not np.array_equal(image(pipe, seed=4), first)
+
+
+def test_production_defaults_render_a_1024_square(pipe):
+    kwargs = FAMILY.pipeline_kwargs(job())
+    with torch.inference_mode():
+        result = pipe(**kwargs, generator=torch.Generator("cpu").manual_seed(0), output_type="pil")
+    assert result.images[0].size == (1024, 1024)
+
+
+def test_pipeline_kwargs_map_the_job():
+    assert FAMILY.pipeline_kwargs(job()) == {
+        "prompt": PROMPT,
+        "width": 1024,
+        "height": 1024,
+        "num_inference_steps": 28,
+        "guidance_scale": 7.5,
+    }
+    with_negative = FAMILY.pipeline_kwargs(job(negative_prompt="blurry", cfg=5.0))
+    assert with_negative["negative_prompt"] == "blurry"
+    assert with_negative["guidance_scale"] == 5.0
+
+
+def test_prompt_negative_prompt_and_size_change_the_image(pipe, base):
+    assert np.abs(image(pipe, prompt="a blue car on a road") - base).mean() > VISIBLE
+    assert np.abs(image(pipe, negative_prompt="blurry") - base).mean() > VISIBLE
+    multiple = FAMILY.size_multiple(pipe)
+    assert multiple == pipe.vae_scale_factor == 32
+    assert image(pipe, width=3 * multiple, height=5 * multiple).shape == (160, 96, 3)
+
+
+def test_two_tiny_builds_are_identical(pipe, base):
+    assert np.array_equal(image(build_tiny_sdxl()), base)
+
+
+def test_saved_model_loads_from_a_folder(pipe, base, tmp_path):
+    pipe.save_pretrained(tmp_path / "tiny-sdxl")
+    loaded = load_pipeline("sdxl", str(tmp_path / "tiny-sdxl"))
+    assert isinstance(loaded, StableDiffusionXLPipeline)
+    assert np.array_equal(image(loaded), base)
+
+
+def test_lora_changes_the_image_zero_is_the_base_and_delete_restores_it(
+    adapters, pipe, files, base
+):
+    before = sum(p.numel() for p in pipe.unet.parameters())
+    assert adapters.check(files["unet"], "a") == len(files["unet"])
+    assert adapters.load("a", files["unet"], "a") == len(files["unet"]) // 2
+    with_lora = with_adapters(adapters, on("a"))
+    assert np.abs(with_lora - base).mean() > 4 * VISIBLE
+    assert np.array_equal(with_adapters(adapters, on("a", 0.0, 0.0)), base)
+    assert np.array_equal(with_adapters(adapters), base)
+    assert np.array_equal(with_adapters(adapters, on("a")), with_lora)
+    adapters.delete("a")
+    assert sum(p.numel() for p in pipe.unet.parameters()) == before
+    assert pipe.get_list_adapters() == {}
+    assert np.array_equal(image(pipe), base)
+
+
+def test_kohya_sdxl_file_matches_its_diffusers_form(adapters, pipe, files, base):
+    kohya, diffusers = kohya_sdxl(pipe, files, alpha=3.0)
+    unscaled, _ = kohya_sdxl(pipe, files, alpha=4.0)
+    assert any("input_blocks" in key for key in kohya)
+    assert any("output_blocks" in key for key in kohya)
+    assert any("middle_block" in key for key in kohya)
+    layers = len(diffusers) // 2
+    assert adapters.load("kohya", kohya, "kohya") == layers
+    assert adapters.load("diffusers", diffusers, "diffusers") == layers
+    assert adapters.load("unscaled", unscaled, "unscaled") == layers
+    from_kohya = with_adapters(adapters, on("kohya"))
+    assert np.abs(from_kohya - base).mean() > 2 * VISIBLE
+    assert np.abs(from_kohya - with_adapters(adapters, on("diffusers"))).max() < FORMAT_TOLERANCE
+    # alpha == rank scales by 1 instead of 0.75: a different image shows alpha/rank was applied.
+    assert np.abs(from_kohya - with_adapters(adapters, on("unscaled"))).mean() > VISIBLE
+
+
+def test_check_counts_kohya_and_text_model_prefixed_files(adapters, pipe, files):
+    kohya, diffusers = kohya_sdxl(pipe, files, alpha=3.0)
+    assert adapters.check(kohya, "kohya") == len(diffusers)
+    # Diffusers-format SDXL files name text_encoder's modules text_model.encoder...: loading
+    # drops the prefix, and so must the check.
+    prefixed = {
+        key.replace("text_encoder.", "text_encoder.text_model.", 1): tensor
+        for key, tensor in files["text_encoder"].items()
+    }
+    assert adapters.load("prefixed", prefixed, "prefixed") == len(prefixed) // 2
+    assert adapters.check(prefixed, "prefixed") == len(prefixed)
+
+
+def test_clip_strength_scales_both_text_encoders(adapters, pipe, files, base, base_text):
+    both = {**files["unet"], **files["text_encoder"], **files["text_encoder_2"]}
+    assert adapters.check(both, "both") == len(both)
+    adapters.load("both", both, "both")
+    assert pipe.get_list_adapters() == {attr: ["both"] for attr in ("unet", *TEXT_ENCODERS)}
+    unet_only = with_adapters(adapters, on("both", 1.0, 0.0))
+    for ours, theirs in zip(text_outputs(pipe), base_text, strict=True):
+        assert torch.equal(ours, theirs)
+    with_clip = with_adapters(adapters, on("both", 1.0, 1.0))
+    for ours, theirs in zip(text_outputs(pipe), base_text, strict=True):
+        assert not torch.allclose(ours, theirs, atol=1e-3)
+    assert np.abs(with_clip - unet_only).mean() > VISIBLE
+    # clip_strength 0 is the UNet LoRA alone, exactly.
+    adapters.load("unet", files["unet"], "unet")
+    assert np.array_equal(with_adapters(adapters, on("unet")), unet_only)
+
+
+def test_two_unet_adapters_stack(adapters, files, base):
+    adapters.load("a", files["unet"], "a")
+    adapters.load("b", files["unet_b"], "b")
+    a = with_adapters(adapters, on("a"))
+    stacked = with_adapters(adapters, on("a"), on("b", 0.5))
+    assert np.abs(stacked - a).mean() > VISIBLE
+    assert np.array_equal(with_adapters(adapters, on("a"), on("b", 0.0)), a)
+
+
+def test_lora_markers_name_sdxl_keys_and_no_flux_module(pipe, files):
+    kohya, diffusers = kohya_sdxl(pipe, files, alpha=3.0)
+    unet_and_te2 = [key for key in diffusers if not key.startswith("text_encoder.")]
+    kohya_unet_and_te2 = [key for key in kohya if not key.startswith("lora_te1_")]
+    for key in unet_and_te2 + kohya_unet_and_te2:
+        assert any(marker in key for marker in FAMILY.lora_markers), key
+    flux = get_family("flux").build_tiny()
+    flux_names = [name for name, _ in flux.transformer.named_modules()]
+    flux_names += ["lora_unet_double_blocks_0_img_attn_qkv", "lora_te1_text_model_encoder_layers_0"]
+    assert not [name for name in flux_names if any(m in name for m in FAMILY.lora_markers)]
