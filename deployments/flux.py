@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
@@ -21,6 +20,7 @@ from deployments.family import Family
 from deployments.tiny import (
     tiny_clip_text_model,
     tiny_clip_tokenizer,
+    tiny_latent_vae,
     tiny_t5_encoder,
     tiny_t5_tokenizer,
 )
@@ -58,28 +58,6 @@ def _tiny_transformer() -> FluxTransformer2DModel:
     return model
 
 
-def _tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(_TINY_SEED)
-    # Five blocks give vae_scale_factor 16, so 1024x1024 is only 32x32 tokens; with 4 channels
-    # the full-resolution decoder convolutions stay cheap on a CPU.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 5,
-        up_block_types=("UpDecoderBlock2D",) * 5,
-        block_out_channels=(4, 4, 4, 4, 4),
-        layers_per_block=1,
-        latent_channels=_TINY_LATENT_CHANNELS,
-        norm_num_groups=2,
-        sample_size=64,
-        # The pipeline computes latents / scaling_factor + shift_factor, so both must be set.
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
-
-
 def _tiny_scheduler() -> FlowMatchEulerDiscreteScheduler:
     # FLUX.1-dev's settings, so the resolution-dependent timestep shift is exercised.
     return FlowMatchEulerDiscreteScheduler(
@@ -96,7 +74,7 @@ def build_tiny_flux() -> FluxPipeline:
     """Randomly initialised FLUX.1-dev-shaped pipeline, identical on every call."""
     return FluxPipeline(
         scheduler=_tiny_scheduler(),
-        vae=_tiny_vae(),
+        vae=tiny_latent_vae(_TINY_LATENT_CHANNELS, layers_per_block=1, seed=_TINY_SEED),
         text_encoder=tiny_clip_text_model(hidden_size=_TINY_TEXT_DIM, seed=_TINY_SEED),
         tokenizer=tiny_clip_tokenizer(),
         text_encoder_2=tiny_t5_encoder(d_model=_TINY_TEXT_DIM, seed=_TINY_SEED),

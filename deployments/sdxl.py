@@ -12,13 +12,9 @@ from diffusers import (
     Transformer2DModel,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
 from deployments.family import Family
 from deployments.tiny import (
-    CLIP_BOS_ID,
-    CLIP_EOS_ID,
-    CLIP_VOCAB_SIZE,
     tiny_clip_text_model,
     tiny_clip_tokenizer,
 )
@@ -37,24 +33,6 @@ _TINY_ATTENTION_GAIN = 8.0
 # saturates and flattens differences (another prompt: 1.4 grey levels). The pipeline divides by
 # scaling_factor before decoding, so 8 brings them near unit scale (another prompt: 2.4).
 _TINY_VAE_SCALING_FACTOR = 8.0
-
-
-def _tiny_text_encoder_2() -> CLIPTextModelWithProjection:
-    config = CLIPTextConfig(
-        vocab_size=CLIP_VOCAB_SIZE,
-        hidden_size=_TINY_TEXT_DIM,
-        intermediate_size=2 * _TINY_TEXT_DIM,
-        projection_dim=_TINY_PROJECTION_DIM,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        # The pooled (projected) output is read at the first eos id: it must be the tokenizer's.
-        bos_token_id=CLIP_BOS_ID,
-        eos_token_id=CLIP_EOS_ID,
-        pad_token_id=CLIP_EOS_ID,
-    )
-    torch.manual_seed(_TINY_SEED + 1)
-    return CLIPTextModelWithProjection(config).eval()
 
 
 def _tiny_unet() -> UNet2DConditionModel:
@@ -123,7 +101,9 @@ def build_tiny_sdxl() -> StableDiffusionXLPipeline:
     return StableDiffusionXLPipeline(
         vae=_tiny_vae(),
         text_encoder=tiny_clip_text_model(hidden_size=_TINY_TEXT_DIM, seed=_TINY_SEED),
-        text_encoder_2=_tiny_text_encoder_2(),
+        text_encoder_2=tiny_clip_text_model(
+            hidden_size=_TINY_TEXT_DIM, seed=_TINY_SEED + 1, with_projection=True
+        ),
         tokenizer=tiny_clip_tokenizer(),
         tokenizer_2=tiny_clip_tokenizer(),
         unet=_tiny_unet(),

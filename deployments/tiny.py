@@ -1,4 +1,4 @@
-"""Tiny offline tokenizers and text encoders shared by the model families' test builders.
+"""Tiny offline tokenizers, text encoders and a VAE shared by the model families' test builders.
 
 Everything is built in code from fixed seeds, so a tiny pipeline needs no download and two
 builds give identical weights. The tokenizers are the real transformers classes that the
@@ -11,15 +11,19 @@ from __future__ import annotations
 import string
 
 import torch
+from diffusers import AutoencoderKL
 from tokenizers import pre_tokenizers
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
+    CLIPTextModelWithProjection,
     CLIPTokenizer,
     Qwen2Tokenizer,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
 
 # CLIP: a byte-level BPE without merges, laid out like the real vocab (bytes, then bytes that
@@ -97,8 +101,10 @@ def tiny_clip_text_model(
     vocab_size: int = CLIP_VOCAB_SIZE,
     seed: int = 0,
     max_position_embeddings: int = 77,
-) -> CLIPTextModel:
-    """Two-layer CLIP text encoder matching `tiny_clip_tokenizer`."""
+    with_projection: bool = False,
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """Two-layer CLIP text encoder matching `tiny_clip_tokenizer`; with_projection gives the
+    projected variant (SDXL's second encoder)."""
     config = CLIPTextConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -114,14 +120,17 @@ def tiny_clip_text_model(
         pad_token_id=CLIP_EOS_ID,
     )
     torch.manual_seed(seed)
-    return CLIPTextModel(config).eval()
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return model_class(config).eval()
 
 
 def tiny_t5_encoder(
-    d_model: int = 32, vocab_size: int = T5_VOCAB_SIZE, seed: int = 0
-) -> T5EncoderModel:
-    """Two-layer T5 encoder matching `tiny_t5_tokenizer`."""
-    config = T5Config(
+    d_model: int = 32, vocab_size: int = T5_VOCAB_SIZE, seed: int = 0, umt5: bool = False
+) -> T5EncoderModel | UMT5EncoderModel:
+    """Two-layer T5 encoder matching `tiny_t5_tokenizer`; umt5 gives UMT5 (Wan's encoder)."""
+    config_class = UMT5Config if umt5 else T5Config
+    model_class = UMT5EncoderModel if umt5 else T5EncoderModel
+    config = config_class(
         vocab_size=vocab_size,
         d_model=d_model,
         d_kv=d_model // 2,
@@ -136,4 +145,26 @@ def tiny_t5_encoder(
         decoder_start_token_id=T5_PAD_ID,
     )
     torch.manual_seed(seed)
-    return T5EncoderModel(config).eval()
+    return model_class(config).eval()
+
+
+def tiny_latent_vae(latent_channels: int, layers_per_block: int, seed: int = 0) -> AutoencoderKL:
+    """A 4-channel AutoencoderKL with five blocks: vae_scale_factor 16, so a 1024x1024 image is
+    a 64x64 latent and the full-resolution decoder convolutions stay cheap on a CPU. No latent
+    scaling: the flow-matching pipelines compute latents / scaling_factor + shift_factor."""
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 5,
+        up_block_types=("UpDecoderBlock2D",) * 5,
+        block_out_channels=(4, 4, 4, 4, 4),
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=2,
+        sample_size=64,
+        scaling_factor=1.0,
+        shift_factor=0.0,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ).eval()

@@ -15,10 +15,9 @@ from diffusers import (
     WanPipeline,
     WanTransformer3DModel,
 )
-from transformers import UMT5Config, UMT5EncoderModel
 
 from deployments.family import Family
-from deployments.tiny import T5_EOS_ID, T5_PAD_ID, T5_VOCAB_SIZE, tiny_t5_tokenizer
+from deployments.tiny import tiny_t5_encoder, tiny_t5_tokenizer
 from serve.errors import InvalidRequest
 from serve.schemas import GenerationDefaults, GenerationJob, VideoRequest
 
@@ -40,25 +39,6 @@ _TINY_TEXT_GAIN = 4.0
 # down-samples twice: 16x spatially, so its full-resolution convolutions run on 1/16 of the
 # pixels and 832x480x33 decodes in seconds on a CPU.
 _TINY_VAE_PATCH = 4
-
-
-def _tiny_text_encoder() -> UMT5EncoderModel:
-    config = UMT5Config(
-        vocab_size=T5_VOCAB_SIZE,
-        d_model=_TINY_TEXT_DIM,
-        d_kv=_TINY_TEXT_DIM // 2,
-        d_ff=2 * _TINY_TEXT_DIM,
-        num_layers=2,
-        num_heads=2,
-        # No dropout: a freshly built model is in train mode until eval(), and dropout would
-        # make outputs depend on the global RNG.
-        dropout_rate=0.0,
-        pad_token_id=T5_PAD_ID,
-        eos_token_id=T5_EOS_ID,
-        decoder_start_token_id=T5_PAD_ID,
-    )
-    torch.manual_seed(_TINY_SEED)
-    return UMT5EncoderModel(config).eval()
 
 
 def _tiny_transformer() -> WanTransformer3DModel:
@@ -115,7 +95,7 @@ def build_tiny_wan() -> WanPipeline:
     """Randomly initialised Wan-2.1-T2V-shaped pipeline, identical on every call."""
     return WanPipeline(
         tokenizer=tiny_t5_tokenizer(),
-        text_encoder=_tiny_text_encoder(),
+        text_encoder=tiny_t5_encoder(_TINY_TEXT_DIM, seed=_TINY_SEED, umt5=True),
         vae=_tiny_vae(),
         scheduler=_tiny_scheduler(),
         transformer=_tiny_transformer(),

@@ -6,7 +6,6 @@ from typing import Any
 
 import torch
 from diffusers import (
-    AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
     ZImagePipeline,
     ZImageTransformer2DModel,
@@ -14,7 +13,7 @@ from diffusers import (
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from deployments.family import Family
-from deployments.tiny import QWEN_VOCAB_SIZE, tiny_qwen2_tokenizer
+from deployments.tiny import QWEN_VOCAB_SIZE, tiny_latent_vae, tiny_qwen2_tokenizer
 from serve.schemas import GenerationDefaults, GenerationJob
 
 _TINY_SEED = 0
@@ -53,29 +52,6 @@ def _tiny_transformer() -> ZImageTransformer2DModel:
     ).eval()
 
 
-def _tiny_vae() -> AutoencoderKL:
-    torch.manual_seed(_TINY_SEED)
-    # Five blocks give vae_scale_factor 16 (32 with the 2x2 patches), so 1024x1024 is 32x32
-    # tokens. The decoder's full-resolution convolutions dominate a CPU call: 4 channels and
-    # one resnet per block (layers_per_block=0) keep them cheap.
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 5,
-        up_block_types=("UpDecoderBlock2D",) * 5,
-        block_out_channels=(4, 4, 4, 4, 4),
-        layers_per_block=0,
-        latent_channels=_TINY_LATENT_CHANNELS,
-        norm_num_groups=2,
-        sample_size=64,
-        # The pipeline computes latents / scaling_factor + shift_factor, so both must be set.
-        scaling_factor=1.0,
-        shift_factor=0.0,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    ).eval()
-
-
 def _tiny_text_encoder(tokenizer: Qwen2Tokenizer) -> Qwen3Model:
     config = Qwen3Config(
         vocab_size=QWEN_VOCAB_SIZE,
@@ -110,7 +86,9 @@ def build_tiny_z_image() -> ZImagePipeline:
     tokenizer = _tiny_tokenizer()
     return ZImagePipeline(
         scheduler=_tiny_scheduler(),
-        vae=_tiny_vae(),
+        # One resnet per VAE block (layers_per_block=0): the decoder's full-resolution
+        # convolutions dominate a CPU call.
+        vae=tiny_latent_vae(_TINY_LATENT_CHANNELS, layers_per_block=0, seed=_TINY_SEED),
         text_encoder=_tiny_text_encoder(tokenizer),
         tokenizer=tokenizer,
         transformer=_tiny_transformer(),
