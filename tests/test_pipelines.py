@@ -117,3 +117,30 @@ def test_replicas_copying_the_same_model_at_once_both_succeed(saved, memory_fold
     deployments.loading._copy_tree(f"memory://{path}", target)  # the slower one's rename fails
     assert (target / "model_index.json").exists()
     assert [p.name for p in model_cache.iterdir()] == ["same-model"]  # no partial copy left
+
+
+def test_hub_id_loads_from_the_hub_cache_offline(tiny, saved, tmp_path, monkeypatch):
+    """A hub id resolves through huggingface_hub's cache, as on a node that pre-pulled the
+    weights; with HF_HUB_OFFLINE=1 nothing is downloaded. The cache layout is the hub's own:
+    models--<org>--<name>/snapshots/<revision>/ with refs/main naming the revision."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--loraplex-test--tiny-flux"
+    shutil.copytree(saved, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    from_hub = load_pipeline("flux", "loraplex-test/tiny-flux")
+    assert isinstance(from_hub, FluxPipeline)
+    assert np.array_equal(image(from_hub), image(tiny))
+
+
+def test_unknown_hub_id_is_a_clear_load_error(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ModelLoadError, match="loraplex-test/absent"):
+        load_pipeline("flux", "loraplex-test/absent")
