@@ -26,8 +26,10 @@ from diffusers.utils.state_dict_utils import (
     convert_state_dict_to_peft,
     convert_unet_state_dict_to_peft,
 )
+from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
+from deployments.blocks import BlockLayout, BlockScales
 from deployments.family import Family, detect_lora_family
 from serve.errors import LoraIncompatible
 
@@ -42,6 +44,8 @@ class ActiveAdapter:
     adapter_name: str
     strength: float
     clip_strength: float
+    block_scales: BlockScales = ()
+    """Denoiser weights per block (`PipelineAdapters.block_scales`); other blocks: 1."""
 
 
 def adapter_name_for(key: str) -> str:
@@ -56,6 +60,13 @@ class PipelineAdapters:
         self.pipe = pipe
         self.family = family
         self._active: tuple[ActiveAdapter, ...] | None = None
+        denoiser = getattr(pipe, family.denoiser_component)
+        self.blocks = BlockLayout(family.block_groups, denoiser, family.name)
+
+    def block_scales(self, block_weights: dict, field: str) -> BlockScales:
+        """A request's `block_weights` as one weight per block of this model; InvalidRequest
+        naming `field` for an unknown group or a list of the wrong length."""
+        return self.blocks.scales(block_weights, field)
 
     def check(self, tensors: dict[str, torch.Tensor], label: str) -> int:
         """Count the file's LoRA matrices that fit a module of this model, without touching the
@@ -190,7 +201,26 @@ class PipelineAdapters:
             names = [a.adapter_name for a in here]
             weights = [a.clip_strength if is_text_encoder else a.strength for a in here]
             _activate_component(component, names, weights)
+            if attr == self.family.denoiser_component:
+                self._scale_blocks(component, [a for a in here if a.block_scales])
         self._active = wanted
+
+    def _scale_blocks(self, denoiser, adapters: list[ActiveAdapter]) -> None:
+        """After `set_adapters` gave every layer its adapter's strength: strength x block weight
+        in the weighted blocks. peft's `set_scale` multiplies in alpha/rank itself."""
+        if not adapters:
+            return
+        for module_name, module in denoiser.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            found = self.blocks.block_of(module_name)
+            if found is None:
+                continue
+            group, index = found
+            for adapter in adapters:
+                weights = dict(adapter.block_scales).get(group)
+                if weights is not None:
+                    module.set_scale(adapter.adapter_name, adapter.strength * weights[index])
 
     def _components(self):
         for attr in self.family.lora_components:

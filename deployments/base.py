@@ -129,8 +129,13 @@ class DiffusionDeployment:
                 raise asyncio.CancelledError
             cache = await self._ensure_hot(job.adapters, staged)
             active = [
-                ActiveAdapter(self._hot[use.key], use.strength, use.clip_strength)
-                for use in job.adapters
+                ActiveAdapter(
+                    self._hot[use.key],
+                    use.strength,
+                    use.clip_strength,
+                    self.adapters.block_scales(use.block_weights, _block_field(index)),
+                )
+                for index, use in enumerate(job.adapters)
             ]
             image, inference_ms = await asyncio.to_thread(self._render, job, active, interrupted)
         return image, inference_ms, cache
@@ -181,6 +186,8 @@ class DiffusionDeployment:
                 f"loras: {len(keys)} adapters, but this model keeps at most "
                 f"{self.model.max_adapters_per_replica} per replica"
             )
+        for index, use in enumerate(job.adapters):  # before any adapter loads
+            self.adapters.block_scales(use.block_weights, _block_field(index))
         return job
 
     async def _ensure_hot(self, uses: list[AdapterUse], staged: dict) -> list[str]:
@@ -260,6 +267,10 @@ class DiffusionDeployment:
 
     def _report(self) -> None:
         self._registry.report.remote(self.describe())
+
+
+def _block_field(index: int) -> str:
+    return f"loras.{index}.block_weights"
 
 
 def _resident_memory_mb() -> float:

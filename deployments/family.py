@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from deployments.blocks import BlockGroups
 from serve.schemas import GenerationDefaults, GenerationJob, GenerationRequest
 
 # Family name -> module that defines `FAMILY`. Imported on first use, so reading a config does
@@ -57,6 +58,8 @@ class Family:
     lora_markers: tuple[str, ...] = ()
     """Key fragments found only in this family's LoRA files, so a LoRA sent to the wrong
     endpoint is refused with both families named."""
+    block_groups: BlockGroups | None = None
+    """The denoiser's block groups that `block_weights` scale, in model order."""
 
     @property
     def lora_components(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from diffusers.models.normalization import (
     AdaLayerNormZeroSingle,
 )
 
+from deployments.blocks import numbered_blocks
 from deployments.family import Family
 from deployments.tiny import (
     tiny_clip_text_model,
@@ -113,4 +114,5 @@ FAMILY = Family(
     # Flux packs 2x2 latent patches: sizes step by twice the VAE's down-sampling.
     size_multiple=lambda pipe: pipe.vae_scale_factor * 2,
     lora_markers=("single_transformer_blocks", "double_blocks", "single_blocks", "ff_context"),
+    block_groups=numbered_blocks("transformer_blocks", "single_transformer_blocks"),
 )

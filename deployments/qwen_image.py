@@ -17,6 +17,7 @@ from diffusers import (
 )
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from deployments.blocks import numbered_blocks
 from deployments.family import Family
 from deployments.tiny import QWEN_SPECIALS, QWEN_VOCAB_SIZE, tiny_qwen2_tokenizer
 from serve.schemas import GenerationDefaults, GenerationJob
@@ -234,4 +235,5 @@ FAMILY = Family(
     pipeline_kwargs=pipeline_kwargs,
     size_multiple=qwen_size_multiple,
     lora_markers=QWEN_IMAGE_LORA_MARKERS,
+    block_groups=numbered_blocks("transformer_blocks"),
 )

@@ -16,6 +16,7 @@ from diffusers import QwenImageEditPlusPipeline
 from transformers import ProcessorMixin, Qwen2VLProcessor
 from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
+from deployments.blocks import numbered_blocks
 from deployments.family import Family
 from deployments.qwen_image import (
     QWEN_IMAGE_LORA_MARKERS,
@@ -113,4 +114,5 @@ FAMILY = Family(
     size_multiple=qwen_size_multiple,
     request_model=EditRequest,
     lora_markers=QWEN_IMAGE_LORA_MARKERS,
+    block_groups=numbered_blocks("transformer_blocks"),
 )

@@ -13,6 +13,7 @@ from diffusers import (
     UNet2DConditionModel,
 )
 
+from deployments.blocks import Block, BlockGroups
 from deployments.family import Family
 from deployments.tiny import (
     tiny_clip_text_model,
@@ -126,6 +127,36 @@ def pipeline_kwargs(job: GenerationJob) -> dict[str, Any]:
     return kwargs
 
 
+def _sgm_blocks(unet) -> dict[str, list[Block]]:
+    """ComfyUI's block numbering of an SDXL UNet (the SGM checkpoint layout), over diffusers'
+    modules. input_blocks.0 is conv_in; then, per down block, one block per layer (a resnet and
+    its attention) and one for its downsampler. middle_block is the whole mid block.
+    output_blocks are one per layer of each up block, the last also holding its upsampler."""
+    inputs: list[Block] = [("conv_in",)]
+    for i, down in enumerate(unet.down_blocks):
+        inputs += [_unet_layer(f"down_blocks.{i}", down, j) for j in range(len(down.resnets))]
+        if down.downsamplers is not None:
+            inputs.append((f"down_blocks.{i}.downsamplers",))
+    outputs: list[Block] = []
+    for i, up in enumerate(unet.up_blocks):
+        layers = [_unet_layer(f"up_blocks.{i}", up, j) for j in range(len(up.resnets))]
+        if up.upsamplers is not None:
+            layers[-1] += (f"up_blocks.{i}.upsamplers",)
+        outputs += layers
+    return {"input_blocks": inputs, "middle_block": [("mid_block",)], "output_blocks": outputs}
+
+
+def _unet_layer(path: str, block, index: int) -> Block:
+    if getattr(block, "attentions", None) is None:
+        return (f"{path}.resnets.{index}",)
+    return (f"{path}.resnets.{index}", f"{path}.attentions.{index}")
+
+
+SDXL_BLOCK_GROUPS = BlockGroups(
+    names=("input_blocks", "middle_block", "output_blocks"), blocks=_sgm_blocks
+)
+
+
 FAMILY = Family(
     name="sdxl",
     endpoint="sdxl",
@@ -150,4 +181,5 @@ FAMILY = Family(
         "lora_te2_",
         "text_encoder_2",
     ),
+    block_groups=SDXL_BLOCK_GROUPS,
 )

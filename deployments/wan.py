@@ -16,6 +16,7 @@ from diffusers import (
     WanTransformer3DModel,
 )
 
+from deployments.blocks import numbered_blocks
 from deployments.family import Family
 from deployments.tiny import tiny_t5_encoder, tiny_t5_tokenizer
 from serve.errors import InvalidRequest
@@ -152,4 +153,5 @@ FAMILY = Family(
         "lora_unet_blocks_",
         "cross_attn",
     ),
+    block_groups=numbered_blocks("blocks"),
 )

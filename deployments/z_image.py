@@ -12,6 +12,7 @@ from diffusers import (
 )
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
+from deployments.blocks import numbered_blocks
 from deployments.family import Family
 from deployments.tiny import QWEN_VOCAB_SIZE, tiny_latent_vae, tiny_qwen2_tokenizer
 from serve.schemas import GenerationDefaults, GenerationJob
@@ -137,4 +138,5 @@ FAMILY = Family(
         "attention_out",
         "feed_forward",
     ),
+    block_groups=numbered_blocks("noise_refiner", "context_refiner", "layers"),
 )

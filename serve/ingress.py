@@ -14,10 +14,12 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.family import get_family
+from deployments.blocks import check_group_names
+from deployments.family import Family, get_family
 from serve.config import AppConfig, ModelConfig
 from serve.errors import (
     InvalidRequest,
+    LoraNotFound,
     LoraplexError,
     LoraRequired,
     NotFound,
@@ -25,10 +27,20 @@ from serve.errors import (
     TooLarge,
     Unauthorized,
 )
-from serve.loras.store import LoraStore
+from serve.loras.formats import trigger_words
+from serve.loras.store import LoraRef, LoraStore
 from serve.media import decode_input_image
+from serve.prompt_tags import LoraTag, extract_lora_tags, prompt_with_triggers
 from serve.registry import registry_for
-from serve.schemas import AdapterUse, EditRequest, GenerationJob, GenerationRequest
+from serve.schemas import (
+    AUTO_TRIGGER,
+    MAX_LORAS_PER_REQUEST,
+    AdapterUse,
+    EditRequest,
+    GenerationJob,
+    GenerationRequest,
+    LoraSpec,
+)
 
 STATUS_BY_CODE = {
     "lora_required": 400,
@@ -194,24 +206,26 @@ class Ingress:
     def _job_for(
         self, model: ModelConfig, request: GenerationRequest, lora_required: bool
     ) -> GenerationJob:
+        prompt, tags = extract_lora_tags(request.prompt)
         stack = request.lora_stack()
-        if lora_required and not stack:
+        if lora_required and not stack and not tags:
             raise LoraRequired()
-        adapters = []
-        for spec in stack:
-            ref = self.store.resolve(spec.file_name)
-            if any(use.key == ref.key for use in adapters):
-                raise InvalidRequest(f"loras: {ref.name} is listed twice")
-            clip = spec.strength if spec.clip_strength is None else spec.clip_strength
-            adapters.append(
-                AdapterUse(key=ref.key, name=ref.name, strength=spec.strength, clip_strength=clip)
+        if len(stack) + len(tags) > MAX_LORAS_PER_REQUEST:
+            raise InvalidRequest(
+                f"loras: {len(stack)} listed and {len(tags)} <lora:...> tags in the prompt; "
+                f"at most {MAX_LORAS_PER_REQUEST} in all"
             )
+        adapters, refs = self._adapters_for(get_family(model.family), stack, tags)
+        # Request-level first (it speaks for the whole stack), then each adapter's own.
+        triggers = self._trigger_words(request.trigger_word, refs)
+        for spec, ref in zip(stack, refs, strict=False):
+            triggers += self._trigger_words(spec.trigger_word, [ref])
         defaults = model.generation_defaults()
         image = decode_input_image(request.image) if isinstance(request, EditRequest) else None
         # An edit keeps its input image's size unless the request says otherwise.
         default_width, default_height = (None, None) if image else (defaults.width, defaults.height)
         return GenerationJob(
-            prompt=request.prompt_with_triggers(),
+            prompt=prompt_with_triggers(prompt, triggers),
             negative_prompt=request.negative_prompt,
             width=request.width or default_width,
             height=request.height or default_height,
@@ -223,3 +237,57 @@ class Ingress:
             fps=getattr(request, "fps", None) or defaults.fps,
             image=image,
         )
+
+    def _adapters_for(
+        self, family: Family, stack: list[LoraSpec], tags: list[LoraTag]
+    ) -> tuple[list[AdapterUse], list[LoraRef]]:
+        """The stack's adapters, then the prompt tags', resolved in the store, in order."""
+        adapters, refs = [], []
+        for index, spec in enumerate(stack):
+            ref = self.store.resolve(spec.file_name)
+            if ref in refs:
+                raise InvalidRequest(f"loras: {ref.name} is listed twice")
+            if spec.block_weights:
+                field = f"loras.{index}.block_weights"
+                check_group_names(family.block_groups, spec.block_weights, field, family.name)
+            clip = spec.strength if spec.clip_strength is None else spec.clip_strength
+            adapters.append(
+                AdapterUse(
+                    key=ref.key,
+                    name=ref.name,
+                    strength=spec.strength,
+                    clip_strength=clip,
+                    block_weights=spec.block_weights or {},
+                )
+            )
+            refs.append(ref)
+        for tag in tags:
+            ref = self._resolve_tag(tag)
+            if ref in refs:
+                raise InvalidRequest(f"prompt: {tag.text}: {ref.name} is already in loras")
+            adapters.append(
+                AdapterUse(
+                    key=ref.key,
+                    name=ref.name,
+                    strength=tag.strength,
+                    clip_strength=tag.clip_strength,
+                )
+            )
+            refs.append(ref)
+        return adapters, refs
+
+    def _resolve_tag(self, tag: LoraTag) -> LoraRef:
+        """The first file a prompt tag may mean (NAME.safetensors, then the character LoRA)."""
+        for name in tag.file_names():
+            try:
+                return self.store.resolve(name)
+            except LoraNotFound:
+                continue
+        raise LoraNotFound(f"LoRA not found: {tag.name}")
+
+    def _trigger_words(self, trigger_word: str | None, refs: list[LoraRef]) -> list[str]:
+        """The words a `trigger_word` field asks for: itself, or for "auto" the trigger words
+        in the metadata of these files (read from their headers only)."""
+        if trigger_word != AUTO_TRIGGER:
+            return [trigger_word] if trigger_word else []
+        return [word for ref in refs for word in trigger_words(self.store.read_metadata(ref))]

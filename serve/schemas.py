@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from typing import Annotated
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MAX_LORAS_PER_REQUEST = 4
 MAX_SEED = 2**63 - 1
 
 _LORA_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 _ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+AUTO_TRIGGER = "auto"
+MAX_BLOCK_GROUPS = 8
+MAX_BLOCKS_PER_GROUP = 256
+
+BlockWeight = Annotated[float, Field(ge=0.0, le=2.0)]
+BlockWeights = dict[
+    Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,64}$")],
+    BlockWeight
+    | Annotated[list[BlockWeight], Field(min_length=1, max_length=MAX_BLOCKS_PER_GROUP)],
+]
 
 
 class GenerationDefaults(BaseModel):
@@ -72,7 +84,16 @@ class LoraSpec(BaseModel):
         description="A label for this adapter in logs; adapters are keyed by their file.",
     )
     trigger_word: str | None = Field(
-        default=None, max_length=200, description="Prepended to the prompt."
+        default=None,
+        max_length=200,
+        description='Prepended to the prompt; "auto": the trigger words of the file\'s metadata.',
+    )
+    block_weights: BlockWeights | None = Field(
+        default=None,
+        max_length=MAX_BLOCK_GROUPS,
+        description="Denoiser strength per block group (flux: transformer_blocks, "
+        "single_transformer_blocks; sdxl: input_blocks, middle_block, output_blocks; ...): a "
+        "number for the whole group or one weight per block, multiplying `strength`.",
     )
 
     @model_validator(mode="after")
@@ -114,7 +135,12 @@ class GenerationRequest(BaseModel):
     lora_id: str | None = Field(default=None, pattern=_LORA_ID_PATTERN)
     lora_name: str | None = Field(default=None, min_length=1, max_length=512)
     lora_strength: float = Field(default=1.0, ge=0.0, le=2.0)
-    trigger_word: str | None = Field(default=None, max_length=200)
+    trigger_word: str | None = Field(
+        default=None,
+        max_length=200,
+        description='Prepended to the prompt; "auto": the trigger words of every adapter\'s '
+        "file metadata.",
+    )
     loras: list[LoraSpec] = Field(default_factory=list, max_length=MAX_LORAS_PER_REQUEST)
 
     @model_validator(mode="after")
@@ -132,13 +158,6 @@ class GenerationRequest(BaseModel):
         if self.lora_name is not None:
             return [LoraSpec(name=self.lora_name, strength=self.lora_strength)]
         return list(self.loras)
-
-    def prompt_with_triggers(self) -> str:
-        """The prompt with trigger words prepended (request-level first, then per adapter)."""
-        triggers = [self.trigger_word] + [spec.trigger_word for spec in self.loras]
-        words = [w.strip() for w in triggers if w and w.strip()]
-        words = [w for w in dict.fromkeys(words) if w not in self.prompt]
-        return ", ".join([*words, self.prompt])
 
 
 class VideoRequest(GenerationRequest):
@@ -172,6 +191,7 @@ class AdapterUse(BaseModel):
     name: str
     strength: float
     clip_strength: float
+    block_weights: BlockWeights = Field(default_factory=dict)
 
 
 class GenerationJob(BaseModel):

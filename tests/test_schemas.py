@@ -9,6 +9,7 @@ import yaml
 from pydantic import ValidationError
 
 from serve.config import AppConfig
+from serve.prompt_tags import prompt_with_triggers
 from serve.schemas import GenerationRequest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -54,10 +55,12 @@ def test_out_of_range_fields_are_named(body, field):
 
 
 def test_trigger_words_are_prepended_once():
-    request = GenerationRequest(prompt="a woman in a garden", trigger_word="ohwx woman")
-    assert request.prompt_with_triggers() == "ohwx woman, a woman in a garden"
-    again = GenerationRequest(prompt="ohwx woman in a garden", trigger_word="ohwx woman")
-    assert again.prompt_with_triggers() == "ohwx woman in a garden"
+    assert prompt_with_triggers("a woman in a garden", ["ohwx woman", None, "ohwx woman"]) == (
+        "ohwx woman, a woman in a garden"
+    )
+    assert prompt_with_triggers("ohwx woman in a garden", ["ohwx woman"]) == (
+        "ohwx woman in a garden"
+    )
 
 
 def test_a_relative_lora_root_is_made_absolute():

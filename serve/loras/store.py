@@ -9,12 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import struct
 from dataclasses import dataclass
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from serve.errors import LoraNotFound
+from serve.loras.files import MAX_HEADER_BYTES, read_header
 
 LORA_SUFFIX = ".safetensors"
 MAX_NAME_CHARS = 512
@@ -83,6 +85,18 @@ class LoraStore:
             return self.fs.cat_file(self.path_of(ref.name))
         except FileNotFoundError as e:
             raise _not_found(ref.name) from e
+
+    def read_metadata(self, ref: LoraRef) -> dict[str, str]:
+        """The file's safetensors metadata, reading only its header, never the tensors."""
+        try:
+            with self.fs.open(self.path_of(ref.name), "rb") as file:
+                head = file.read(8)
+                length = struct.unpack("<Q", head)[0] if len(head) == 8 else 0
+                head += file.read(min(length, MAX_HEADER_BYTES))
+        except FileNotFoundError as e:
+            raise _not_found(ref.name) from e
+        metadata = read_header(head, ref.name).get("__metadata__") or {}
+        return {str(k): str(v) for k, v in metadata.items()}
 
     def _inside_root(self, path: str) -> bool:
         root = os.path.realpath(self.root)
