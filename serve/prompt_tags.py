@@ -41,13 +41,15 @@ class LoraTag:
 
 def extract_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
     """(the prompt without its LoRA tags, the tags in order); InvalidRequest naming `prompt` for
-    a malformed tag or a prompt that is empty once its tags are gone."""
+    a malformed tag or a prompt that is empty once its tags are gone. A prompt with tags has
+    the separators and spaces they leave behind tidied (runs of spaces become one)."""
     tags = [_parse_tag(match.group(0), match.group(1)) for match in _TAG.finditer(prompt)]
     if not tags:
         return prompt, []
     text = _TAG.sub(" ", prompt)
     text = _EMPTY_SEPARATOR.sub(lambda m: m.group(1) + " " if m.group(1) else "", text)
     text = re.sub(r"\s+,", ",", text)
+    text = re.sub(r"[ \t]*\n[ \t]*", "\n", text)
     text = re.sub(r"[ \t]{2,}", " ", text).strip(" \t\n,")
     if not text:
         raise InvalidRequest("prompt: nothing is left once its <lora:...> tags are removed")
