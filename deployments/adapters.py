@@ -208,19 +208,17 @@ class PipelineAdapters:
     def _scale_blocks(self, denoiser, adapters: list[ActiveAdapter]) -> None:
         """After `set_adapters` gave every layer its adapter's strength: strength x block weight
         in the weighted blocks. peft's `set_scale` multiplies in alpha/rank itself."""
-        if not adapters:
+        weighted = [(adapter, dict(adapter.block_scales)) for adapter in adapters]
+        if not weighted:
             return
         for module_name, module in denoiser.named_modules():
-            if not isinstance(module, LoraLayer):
-                continue
-            found = self.blocks.block_of(module_name)
+            found = self.blocks.block_of(module_name) if isinstance(module, LoraLayer) else None
             if found is None:
                 continue
             group, index = found
-            for adapter in adapters:
-                weights = dict(adapter.block_scales).get(group)
-                if weights is not None:
-                    module.set_scale(adapter.adapter_name, adapter.strength * weights[index])
+            for adapter, weights in weighted:
+                if group in weights:
+                    module.set_scale(adapter.adapter_name, adapter.strength * weights[group][index])
 
     def _components(self):
         for attr in self.family.lora_components:
