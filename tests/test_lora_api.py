@@ -219,8 +219,8 @@ def test_a_bad_file_is_422_and_nothing_is_published(
 def test_names_that_leave_the_root_or_are_not_safetensors_are_refused(
     service, lora_root, flux_file, name
 ):
-    response = service.put(f"/loras/{name}", content=flux_file)
-    assert response.status_code in (404, 422), response.text
+    error = error_of(service.put(f"/loras/{name}", content=flux_file), 422)
+    assert error["code"] == "invalid_request" and error["message"].startswith("name:"), error
     assert not (lora_root.parent / "api-outside.safetensors").exists()
     assert not any("api-" in n and "outside" in n for n in listed(service))
 
@@ -239,7 +239,11 @@ def test_resumable_upload_and_merge_refuse_names_outside_the_root(service, filen
 
 def test_merge_reproduces_the_stack(service, lora_root, tiny_pipelines):
     a, b, merged = unique("merge-a"), unique("merge-b"), unique("merged")
-    write_lora(lora_root / a, family_lora(tiny_pipelines, "flux", seed=51), {"trigger_words": "aa"})
+    with_alpha = family_lora(tiny_pipelines, "flux", seed=51)
+    for key in [k for k in with_alpha if k.endswith(".lora_A.weight")]:
+        # alpha 2 at rank 4: this input's scale is 0.5, which the merged file must fold in
+        with_alpha[key.replace(".lora_A.weight", ".alpha")] = torch.tensor(2.0)
+    write_lora(lora_root / a, with_alpha, {"trigger_words": "aa"})
     write_lora(lora_root / b, family_lora(tiny_pipelines, "flux", seed=52))
     response = service.post(
         "/loras/merge",
@@ -247,6 +251,7 @@ def test_merge_reproduces_the_stack(service, lora_root, tiny_pipelines):
     )
     assert response.status_code == 201, response.text
     entry = response.json()
+    assert listed(service)[a]["alpha"] == 2.0
     assert (entry["family"], entry["rank"], entry["alpha"]) == ("flux", 8, None)
     assert entry["trigger_words"] == ["aa"]
 
