@@ -55,6 +55,7 @@ class MergeRequest(BaseModel):
     @field_validator("output")
     @classmethod
     def _servable_name(cls, output: str) -> str:
+        # InvalidRequest, not ValueError: it passes through pydantic with its own message.
         return checked_target(output, "output")
 
     @field_validator("inputs")

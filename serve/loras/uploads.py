@@ -68,6 +68,7 @@ class UploadStart(BaseModel):
     @field_validator("filename")
     @classmethod
     def _servable_name(cls, filename: str) -> str:
+        # InvalidRequest, not ValueError: it passes through pydantic with its own message.
         return checked_target(filename, "filename")
 
     @field_validator("metadata")
