@@ -195,8 +195,8 @@ class Ingress:
     async def list_loras(self, family: str | None = None) -> dict:
         """Every file under the LoRA root: size, sha256, format, family, rank, alpha, targets,
         trigger words. `?family=` keeps one family's files."""
-        if family is not None:
-            self._check_family(family)
+        if family is not None and family not in FAMILY_NAMES:
+            raise InvalidRequest(f"family: unknown {family!r}; expected one of {FAMILY_NAMES}")
         return {"loras": await asyncio.to_thread(self.catalog.list, family)}
 
     @app.post("/loras/uploads", status_code=201)
@@ -221,16 +221,17 @@ class Ingress:
         offset: int | None = None,
         family: str | None = None,
         overwrite: bool = False,
-    ) -> dict:
+    ) -> Response:
         """One chunk at `?offset=N`, which must equal the bytes received so far (409 with the
         expected offset otherwise). A chunk is one request body, so at most max_body_bytes."""
         if upload_id.endswith(LORA_SUFFIX):
-            return await self.put_lora(f"uploads/{upload_id}", request, family, overwrite)
+            entry = await self.put_lora(f"uploads/{upload_id}", request, family, overwrite)
+            return JSONResponse(entry, status_code=201)
         if offset is None:
             raise InvalidRequest("offset: required (the bytes received so far)")
         chunk = await _read_body(request, self.config.max_body_bytes)
         state = await asyncio.to_thread(self.uploads.append, upload_id, offset, chunk)
-        return self.uploads.describe(state)
+        return JSONResponse(self.uploads.describe(state))
 
     @app.post("/loras/uploads/{upload_id}/complete", status_code=201)
     async def complete_upload(self, upload_id: str) -> dict:
@@ -250,6 +251,7 @@ class Ingress:
 
     @app.delete("/loras/uploads/{upload_id}")
     async def abort_upload(self, upload_id: str) -> dict:
+        """Abandon an upload and remove what it staged."""
         if upload_id.endswith(LORA_SUFFIX):
             return await self.delete_lora(f"uploads/{upload_id}")
         await asyncio.to_thread(self.uploads.state, upload_id)  # 404 when unknown
@@ -417,13 +419,10 @@ class Ingress:
                 refusals.append(_unwrap(e))
         if len(refusals) == 1:
             raise refusals[0]
+        tried = ", ".join(model.name for model in models)
         raise LoraIncompatible(
-            f"Failed to load LoRA: {name}: no served model accepts it ("
-            + "; ".join(
-                f"{m.name}: {r.message.rpartition(': ')[2]}"
-                for m, r in zip(models, refusals, strict=True)
-            )
-            + ")"
+            f"Failed to load LoRA: {name}: no served model accepts it (tried {tried}); "
+            f"{models[0].name}: {refusals[0].message.split(': ', 2)[-1]}"
         )
 
     async def _publish(self, data: bytes, name: str, overwrite: bool, field: str) -> dict:

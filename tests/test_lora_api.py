@@ -225,6 +225,14 @@ def test_names_that_leave_the_root_or_are_not_safetensors_are_refused(
     assert not any("api-" in n and "outside" in n for n in listed(service))
 
 
+def test_a_sub_folder_named_uploads_holds_ordinary_files(service, flux_file):
+    name = unique("in-uploads-folder")
+    assert service.put(f"/loras/uploads/{name}", content=flux_file).status_code == 201
+    assert listed(service)[f"uploads/{name}"]["family"] == "flux"
+    assert service.delete(f"/loras/uploads/{name}").json() == {"deleted": f"uploads/{name}"}
+    assert f"uploads/{name}" not in listed(service)
+
+
 @pytest.mark.parametrize(
     "filename", ["../api-outside.safetensors", "/tmp/api-outside.safetensors", "api-x.pt"]
 )
