@@ -197,7 +197,7 @@ class Ingress:
         trigger words. `?family=` keeps one family's files."""
         if family is not None and family not in FAMILY_NAMES:
             raise InvalidRequest(f"family: unknown {family!r}; expected one of {FAMILY_NAMES}")
-        return {"loras": await asyncio.to_thread(self.catalog.list, family)}
+        return {"loras": await asyncio.to_thread(self.catalog.entries, family)}
 
     @app.post("/loras/uploads", status_code=201)
     async def start_upload(self, request: Request) -> dict:

@@ -19,7 +19,7 @@ class Catalog:
         self.store = store
         self._entries: dict[str, dict] = {}  # LoraRef.key -> entry
 
-    def list(self, family: str | None = None) -> list[dict]:
+    def entries(self, family: str | None = None) -> list[dict]:
         """One entry per servable file, sorted by name; `family` keeps that family's only."""
         entries = {}
         for ref, _size in self.store.list_files():
