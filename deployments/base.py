@@ -25,6 +25,7 @@ from deployments.loading import load_pipeline
 from serve.config import ModelConfig
 from serve.errors import InvalidRequest
 from serve.loras.files import parse_lora_file
+from serve.loras.merge import adapter_factors, concatenate, merged_file
 from serve.loras.store import LoraRef, LoraStore
 from serve.media import encode_image, encode_video, image_size
 from serve.registry import registry_for
@@ -139,6 +140,50 @@ class DiffusionDeployment:
             ]
             image, inference_ms = await asyncio.to_thread(self._render, job, active, interrupted)
         return image, inference_ms, cache
+
+    async def check_lora(self, data: bytes, name: str) -> int:
+        """How many of a file's LoRA matrices fit this model; LoraIncompatible when too few.
+        Changes nothing: the ingress calls it on an upload before publishing the file."""
+
+        def check() -> int:
+            tensors, _metadata = parse_lora_file(data, name)
+            return self.adapters.check(tensors, name)
+
+        return await asyncio.to_thread(check)
+
+    async def merge_loras(self, inputs: list[tuple[str, float]], trigger_words: list[str]) -> bytes:
+        """One `.safetensors` file that applies the stack of `inputs` (store key, ratio) at
+        strength 1 (serve/loras/merge.py). Inputs that are not hot are loaded for the merge and
+        deleted after, under the lock, so no generation sees them."""
+        uses = [
+            AdapterUse(key=key, name=key.rpartition("@")[0], strength=ratio, clip_strength=ratio)
+            for key, ratio in inputs
+        ]
+        staged = {use.key: await asyncio.to_thread(self._read_adapter, use) for use in uses}
+        components = {attr: getattr(self.pipe, attr) for attr in self.family.lora_components}
+        components = {attr: c for attr, c in components.items() if c is not None}
+        weighted = []
+        async with self._lock:
+            temporary = []
+            try:
+                for use in uses:
+                    adapter_name = self._hot.get(use.key)
+                    if adapter_name is None:
+                        adapter_name = adapter_name_for(f"merge:{use.key}")
+                        await asyncio.to_thread(
+                            self.adapters.load, adapter_name, staged[use.key], use.name
+                        )
+                        temporary.append(adapter_name)
+                    factors = adapter_factors(components, adapter_name, use.name)
+                    weighted.append((factors, use.strength))
+            finally:
+                for adapter_name in temporary:
+                    self.adapters.delete(adapter_name)
+        tensors = concatenate(weighted)
+        sources = [(use.name, use.strength) for use in uses]
+        return await asyncio.to_thread(
+            merged_file, tensors, self.family.name, sources, trigger_words
+        )
 
     def describe(self) -> dict:
         """This replica's state, as /models shows it."""

@@ -100,6 +100,19 @@ class AppConfig(BaseModel):
     max_body_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body."
     )
+    max_lora_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=1024,
+        le=64 * 1024**3,
+        description="Largest LoRA file accepted by upload or merge. A plain PUT is also bound "
+        "by max_body_bytes; larger files use the resumable upload, one chunk per request.",
+    )
+    upload_expiry_s: int = Field(
+        default=24 * 3600,
+        ge=60,
+        le=30 * 24 * 3600,
+        description="A resumable upload not completed this long after it began is removed.",
+    )
 
     @field_validator("lora_root")
     @classmethod

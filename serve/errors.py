@@ -47,6 +47,13 @@ class NotFound(LoraplexError):
     code = "not_found"
 
 
+class Conflict(LoraplexError):
+    """The request does not fit the resource's current state (an upload chunk at the wrong
+    offset, a name already taken); the message says what the state is."""
+
+    code = "conflict"
+
+
 class TooLarge(LoraplexError):
     code = "too_large"
 

@@ -4,6 +4,7 @@ No `from __future__ import annotations` here: FastAPI reads the route signatures
 Serve rewrites them for the class-based view.
 """
 
+import asyncio
 import json
 import secrets
 
@@ -15,10 +16,12 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.blocks import check_group_names
-from deployments.family import Family, get_family
+from deployments.family import FAMILY_NAMES, Family, get_family
 from serve.config import AppConfig, ModelConfig
 from serve.errors import (
+    Conflict,
     InvalidRequest,
+    LoraIncompatible,
     LoraNotFound,
     LoraplexError,
     LoraRequired,
@@ -27,8 +30,12 @@ from serve.errors import (
     TooLarge,
     Unauthorized,
 )
-from serve.loras.formats import trigger_words
-from serve.loras.store import LoraRef, LoraStore
+from serve.loras.catalog import Catalog
+from serve.loras.files import parse_lora_file
+from serve.loras.formats import inspect_lora, trigger_words
+from serve.loras.merge import MergeRequest
+from serve.loras.store import LORA_SUFFIX, LoraRef, LoraStore
+from serve.loras.uploads import Uploads, UploadStart, checked_target, with_metadata
 from serve.media import decode_input_image
 from serve.prompt_tags import LoraTag, extract_lora_tags, prompt_with_triggers
 from serve.registry import registry_for
@@ -47,6 +54,7 @@ STATUS_BY_CODE = {
     "unauthorized": 401,
     "lora_not_found": 404,
     "not_found": 404,
+    "conflict": 409,
     "too_large": 413,
     "lora_incompatible": 422,
     "invalid_request": 422,
@@ -128,6 +136,25 @@ async def _read_json(request: Request, max_bytes: int) -> object:
         raise InvalidRequest(f"body: not valid JSON ({e})") from e
 
 
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refused as soon as it passes `max_bytes` (a chunked body declares no
+    length for the middleware to check)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise TooLarge(f"body: over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _validated(model, body: object):
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise InvalidRequest(_describe_validation_error(e)) from e
+
+
 def _describe_validation_error(error: ValidationError) -> str:
     """`field: problem` for each error, the field as a dotted path (loras.0.strength)."""
     parts = []
@@ -144,6 +171,8 @@ class Ingress:
         self.config = AppConfig.model_validate(config)
         self.handles = handles
         self.store = LoraStore(self.config.lora_root)
+        self.catalog = Catalog(self.store)
+        self.uploads = Uploads(self.store, self.config.max_lora_bytes, self.config.upload_expiry_s)
         self.registry = registry_for(serve.get_replica_context().app_name)
         app.state.config = self.config
 
@@ -168,6 +197,134 @@ class Ingress:
                 for model in self.config.models
             ]
         }
+
+    # LoRA files. Upload routes come first: `/loras/uploads/<id>` would also match
+    # `/loras/{name:path}`. Upload ids never end in .safetensors and names always do, so a file
+    # in a sub-folder named `uploads` is still reachable (the upload routes hand it over).
+
+    @app.get("/loras")
+    async def list_loras(self, family: str | None = None) -> dict:
+        """Every file under the LoRA root: size, sha256, format, family, rank, alpha, targets,
+        trigger words. `?family=` keeps one family's files."""
+        if family is not None and family not in FAMILY_NAMES:
+            raise InvalidRequest(f"family: unknown {family!r}; expected one of {FAMILY_NAMES}")
+        return {"loras": await asyncio.to_thread(self.catalog.entries, family)}
+
+    @app.post("/loras/uploads", status_code=201)
+    async def start_upload(self, request: Request) -> dict:
+        """Begin a resumable upload: `{filename, total_size, sha256, metadata}` -> upload_id."""
+        start = _validated(UploadStart, await _read_json(request, self.config.max_body_bytes))
+        self._check_family(start.family)
+        self._check_free(start.filename, start.overwrite, "filename")
+        state = await asyncio.to_thread(self.uploads.start, start)
+        return self.uploads.describe(state)
+
+    @app.get("/loras/uploads/{upload_id}")
+    async def upload_state(self, upload_id: str) -> dict:
+        """The upload's offset: where an interrupted client resumes."""
+        return self.uploads.describe(await asyncio.to_thread(self.uploads.state, upload_id))
+
+    @app.put("/loras/uploads/{upload_id}")
+    async def upload_chunk(
+        self,
+        upload_id: str,
+        request: Request,
+        offset: int | None = None,
+        family: str | None = None,
+        overwrite: bool = False,
+    ) -> Response:
+        """One chunk at `?offset=N`, which must equal the bytes received so far (409 with the
+        expected offset otherwise). A chunk is one request body, so at most max_body_bytes."""
+        if upload_id.endswith(LORA_SUFFIX):
+            entry = await self.put_lora(f"uploads/{upload_id}", request, family, overwrite)
+            return JSONResponse(entry, status_code=201)
+        if offset is None:
+            raise InvalidRequest("offset: required (the bytes received so far)")
+        chunk = await _read_body(request, self.config.max_body_bytes)
+        state = await asyncio.to_thread(self.uploads.append, upload_id, offset, chunk)
+        return JSONResponse(self.uploads.describe(state))
+
+    @app.post("/loras/uploads/{upload_id}/complete", status_code=201)
+    async def complete_upload(self, upload_id: str) -> dict:
+        """Check size and sha256, validate against the family's model, publish atomically.
+        Any refusal discards the upload: nothing is published."""
+        state, data = await asyncio.to_thread(self.uploads.assemble, upload_id)
+        start = state.start
+        try:
+            await self._validate(data, start.filename, start.family)
+            data = with_metadata(data, start.file_metadata(), start.filename)
+            entry = await self._publish(data, start.filename, start.overwrite, "filename")
+        except LoraplexError:
+            await asyncio.to_thread(self.uploads.remove, upload_id)
+            raise
+        await asyncio.to_thread(self.uploads.remove, upload_id)
+        return entry
+
+    @app.delete("/loras/uploads/{upload_id}")
+    async def abort_upload(self, upload_id: str) -> dict:
+        """Abandon an upload and remove what it staged."""
+        if upload_id.endswith(LORA_SUFFIX):
+            return await self.delete_lora(f"uploads/{upload_id}")
+        await asyncio.to_thread(self.uploads.state, upload_id)  # 404 when unknown
+        await asyncio.to_thread(self.uploads.remove, upload_id)
+        return {"aborted": upload_id}
+
+    @app.post("/loras/merge", status_code=201)
+    async def merge_loras(self, request: Request) -> dict:
+        """`{inputs: [{name, ratio}], output}`: one file that, at strength 1, applies what the
+        stack of the inputs at their ratios does."""
+        merge = _validated(MergeRequest, await _read_json(request, self.config.max_body_bytes))
+        self._check_family(merge.family)
+        self._check_free(merge.output, merge.overwrite, "output")
+        refs = [self.store.resolve(item.name) for item in merge.inputs]
+        entries = [await asyncio.to_thread(self.catalog.entry_of, ref) for ref in refs]
+        for entry in entries:
+            if entry["error"]:
+                raise LoraIncompatible(entry["error"])
+        detected = [(e["name"], e["family"]) for e in entries if e["family"]]
+        for name, family in detected[1:]:
+            if family != detected[0][1]:
+                raise InvalidRequest(
+                    f"inputs: {detected[0][0]} is a {detected[0][1]} LoRA and {name} a {family} "
+                    "LoRA; merge files of one family"
+                )
+        trigger_words = list(dict.fromkeys(w for e in entries for w in e["trigger_words"]))
+        inputs = [(ref.key, item.ratio) for ref, item in zip(refs, merge.inputs, strict=True)]
+        data = await self._on_compatible_model(
+            merge.family or (detected[0][1] if detected else None),
+            merge.output,
+            lambda handle: handle.merge_loras.remote(inputs, trigger_words),
+        )
+        if len(data) > self.config.max_lora_bytes:
+            raise TooLarge(
+                f"output: the merged file is {len(data)} bytes, over the limit of "
+                f"{self.config.max_lora_bytes}"
+            )
+        return await self._publish(data, merge.output, merge.overwrite, "output")
+
+    @app.put("/loras/{name:path}", status_code=201)
+    async def put_lora(
+        self,
+        name: str,
+        request: Request,
+        family: str | None = None,
+        overwrite: bool = False,
+    ) -> dict:
+        """Upload one file (the body, at most max_body_bytes). It becomes visible only once
+        validated; `?family=` validates against that family, `?overwrite=true` replaces."""
+        name = checked_target(name, "name")
+        self._check_family(family)
+        self._check_free(name, overwrite, "name")
+        limit = min(self.config.max_body_bytes, self.config.max_lora_bytes)
+        data = await _read_body(request, limit)
+        await self._validate(data, name, family)
+        return await self._publish(data, name, overwrite, "name")
+
+    @app.delete("/loras/{name:path}")
+    async def delete_lora(self, name: str) -> dict:
+        """Remove a file (404 when absent). Requests naming it afterwards get 404."""
+        ref = await asyncio.to_thread(self.store.delete, name)
+        return {"deleted": ref.name}
 
     @app.post("/{endpoint}", openapi_extra=_GENERATION_BODY, response_class=Response)
     async def generate(self, endpoint: str, request: Request) -> Response:
@@ -291,3 +448,51 @@ class Ingress:
         if trigger_word != AUTO_TRIGGER:
             return [trigger_word] if trigger_word else []
         return [word for ref in refs for word in trigger_words(self.store.read_metadata(ref))]
+
+    def _check_family(self, family: str | None) -> None:
+        if family is None:
+            return
+        if family not in FAMILY_NAMES:
+            raise InvalidRequest(f"family: unknown {family!r}; expected one of {FAMILY_NAMES}")
+        if not any(model.family == family for model in self.config.models):
+            raise InvalidRequest(f"family: no {family} model is served here")
+
+    def _check_free(self, name: str, overwrite: bool, field: str) -> None:
+        if not overwrite and self.store.exists(name):
+            raise Conflict(f"{field}: {name} already exists; set overwrite=true to replace it")
+
+    async def _validate(self, data: bytes, name: str, family: str | None) -> None:
+        """Accept the file only if a served model takes it: the pinned family's, else the
+        detected family's, else the first model of any family whose keys it matches."""
+        tensors, metadata = await asyncio.to_thread(parse_lora_file, data, name)
+        detected = inspect_lora(tensors, metadata).family
+        await self._on_compatible_model(
+            family or detected, name, lambda handle: handle.check_lora.remote(data, name)
+        )
+
+    async def _on_compatible_model(self, family: str | None, name: str, call):
+        """`call(handle)` on the first model of `family` (any model when None) that does not
+        refuse the file(s) as incompatible; the refusal when every one does."""
+        models = [m for m in self.config.models if family is None or m.family == family]
+        if not models:
+            raise LoraIncompatible(
+                f"Failed to load LoRA: {name}: a {family} LoRA, and no {family} model is served"
+            )
+        refusals = []
+        for model in models:
+            try:
+                return await call(self.handles[model.name])
+            except LoraIncompatible as e:
+                refusals.append(_unwrap(e))
+        if len(refusals) == 1:
+            raise refusals[0]
+        tried = ", ".join(model.name for model in models)
+        raise LoraIncompatible(
+            f"Failed to load LoRA: {name}: no served model accepts it (tried {tried}); "
+            f"{models[0].name}: {refusals[0].message.split(': ', 2)[-1]}"
+        )
+
+    async def _publish(self, data: bytes, name: str, overwrite: bool, field: str) -> dict:
+        self._check_free(name, overwrite, field)
+        ref = await asyncio.to_thread(self.store.write, name, data)
+        return await asyncio.to_thread(self.catalog.remember, ref, data)

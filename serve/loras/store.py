@@ -1,7 +1,9 @@
 """The LoRA store: `.safetensors` files under one fsspec root, addressed by relative name.
 
 A name never leaves the root: it is checked as text before any file-system call, and on a local
-root the resolved path (symlinks followed) must still lie inside the root.
+root the resolved path (symlinks followed) must still lie inside the root. Hidden parts (`.x`)
+are never names: uploads are staged under the root's hidden `.uploads/` folder, and a file
+becomes visible only when `publish` moves it into place in one step.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hashlib
 import os
 import posixpath
 import struct
+import uuid
 from dataclasses import dataclass
 
 import fsspec
@@ -20,6 +23,7 @@ from serve.loras.files import MAX_HEADER_BYTES, read_header
 
 LORA_SUFFIX = ".safetensors"
 MAX_NAME_CHARS = 512
+STAGING_FOLDER = ".uploads"
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,8 @@ def check_name(name: str) -> str:
     parts = name.split("/")
     if any(part in ("", ".", "..") for part in parts):
         raise LoraNotFound(f"LoRA not found: {name} (names may not contain '..' or empty parts)")
+    if any(part.startswith(".") for part in parts):
+        raise LoraNotFound(f"LoRA not found: {name} (hidden files and folders are not served)")
     if not name.endswith(LORA_SUFFIX):
         raise LoraNotFound(f"LoRA not found: {name} (only {LORA_SUFFIX} files are served)")
     return name
@@ -78,6 +84,78 @@ class LoraStore:
         if info.get("type") != "file":
             raise _not_found(name)
         return LoraRef(name=name, version=_version_of(info))
+
+    def list_files(self) -> list[tuple[LoraRef, int]]:
+        """Every servable file under the root, sorted by name, with its size in bytes."""
+        try:
+            found = self.fs.find(self.root, withdirs=False, detail=True)
+        except FileNotFoundError:
+            return []
+        files = []
+        for path, info in found.items():
+            name = posixpath.relpath(path, self.root)
+            try:
+                check_name(name)
+            except LoraNotFound:
+                continue  # hidden, not .safetensors, or an odd name: never servable
+            if self._is_local and not self._inside_root(posixpath.join(self.root, name)):
+                continue
+            files.append((LoraRef(name=name, version=_version_of(info)), int(info["size"])))
+        return sorted(files, key=lambda item: item[0].name)
+
+    def exists(self, name: str) -> bool:
+        try:
+            self.resolve(name)
+        except LoraNotFound:
+            return False
+        return True
+
+    def delete(self, name: str) -> LoraRef:
+        """Remove a file; LoraNotFound when absent. Replicas holding it keep nothing stale:
+        their cache key includes the file version, so a new file of that name loads afresh."""
+        ref = self.resolve(name)
+        try:
+            self.fs.rm_file(self.path_of(name))
+        except FileNotFoundError as e:
+            raise _not_found(name) from e
+        return ref
+
+    def staging_path(self, *parts: str) -> str:
+        """A path under the hidden staging folder (callers pass checked ids only)."""
+        return posixpath.join(self.root, STAGING_FOLDER, *parts)
+
+    def write_staged(self, path: str, data: bytes) -> None:
+        """Write `data` to a staging path in one step: a reader sees all of it or nothing."""
+        temporary = f"{path}.{uuid.uuid4().hex}.tmp"
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self.fs.pipe_file(temporary, data)
+        self._move(temporary, path)
+
+    def write(self, name: str, data: bytes) -> LoraRef:
+        """Write a file under `name` in one step (staged, then moved into place)."""
+        staged = self.staging_path(f"{uuid.uuid4().hex}.tmp")
+        self.fs.makedirs(posixpath.dirname(staged), exist_ok=True)
+        self.fs.pipe_file(staged, data)
+        try:
+            return self.publish(staged, name)
+        except BaseException:
+            self.fs.rm_file(staged)
+            raise
+
+    def publish(self, staged_path: str, name: str) -> LoraRef:
+        """Move a staged file to `name` (replacing any file there) and return its version."""
+        path = self.path_of(name)
+        if self._is_local and not self._inside_root(path):
+            raise _not_found(name)
+        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        self._move(staged_path, path)
+        return self.resolve(name)
+
+    def _move(self, source: str, target: str) -> None:
+        if self._is_local:
+            os.replace(source, target)  # atomic on one file system; .uploads/ is on the root's
+        else:
+            self.fs.mv(source, target)  # object stores: a copy, visible once complete
 
     def read_bytes(self, ref: LoraRef) -> bytes:
         """The file's bytes; LoraNotFound if it vanished since it was resolved."""

@@ -1,0 +1,132 @@
+"""Merging LoRAs into one file that applies what the stack `[(a, ratio_a), (b, ratio_b)]` does.
+
+The merge is exact, in the "concatenated rank" form: a stack adds `sum_i r_i * s_i * B_i @ A_i`
+to each layer (ratio r_i, scale s_i = alpha_i / rank_i), which equals `B @ A` with
+`A = cat(A_i)` along the rank and `B = cat(r_i * s_i * B_i)`. The merged file carries no alpha
+(alpha = rank, scale 1), so at strength 1 it reproduces the stack; a module that only some inputs
+touch is kept with those inputs' blocks. The rank is the sum of the inputs' ranks, so the file is
+as large as the inputs together (kohya's `merge_lora` can also re-factor to a lower rank with an
+SVD, which is approximate; we do not).
+
+The factors are read from the peft layers diffusers built when it loaded each input, so every
+format conversion and alpha convention diffusers applies at serving time is applied here too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from serve.errors import LoraIncompatible
+from serve.loras.uploads import checked_target
+
+MAX_MERGE_INPUTS = 8
+
+
+class MergeInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=512, description="A file under the LoRA root.")
+    ratio: float = Field(
+        default=1.0, ge=-2.0, le=2.0, description="Its weight: the strength it had in a stack."
+    )
+
+
+class MergeRequest(BaseModel):
+    """`POST /loras/merge`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[MergeInput] = Field(min_length=1, max_length=MAX_MERGE_INPUTS)
+    output: str = Field(
+        min_length=1, max_length=512, description="Name of the merged file under the LoRA root."
+    )
+    family: str | None = Field(
+        default=None, description="Merge with this family's model instead of detecting it."
+    )
+    overwrite: bool = Field(default=False, description="Replace a file of the same name.")
+
+    @field_validator("output")
+    @classmethod
+    def _servable_name(cls, output: str) -> str:
+        # InvalidRequest, not ValueError: it passes through pydantic with its own message.
+        return checked_target(output, "output")
+
+    @field_validator("inputs")
+    @classmethod
+    def _distinct(cls, inputs: list[MergeInput]) -> list[MergeInput]:
+        names = [item.name for item in inputs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"each file at most once, got {names}")
+        return inputs
+
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+"""peft key stem (`transformer.blocks.0.attn.to_q`) -> (lora_A weight, lora_B weight, scale)."""
+
+
+def adapter_factors(components: dict[str, nn.Module], adapter_name: str, label: str) -> Factors:
+    """The A and B matrices and base scale (alpha / rank, before any strength) of one loaded
+    adapter, in every component it touches."""
+    factors: Factors = {}
+    for attr, component in components.items():
+        for module_name, module in component.named_modules():
+            if not isinstance(module, BaseTunerLayer) or adapter_name not in getattr(
+                module, "lora_A", {}
+            ):
+                continue
+            if adapter_name in getattr(module, "lora_magnitude_vector", {}):
+                raise LoraIncompatible(
+                    f"Failed to load LoRA: {label}: a DoRA adapter cannot be merged by "
+                    "concatenation"
+                )
+            rank = module.r[adapter_name]
+            alpha = module.lora_alpha[adapter_name]
+            rslora = module.use_rslora.get(adapter_name, False)
+            scale = alpha / math.sqrt(rank) if rslora else alpha / rank
+            factors[f"{attr}.{module_name}"] = (
+                module.lora_A[adapter_name].weight.detach().float().cpu(),
+                module.lora_B[adapter_name].weight.detach().float().cpu(),
+                float(scale),
+            )
+    return factors
+
+
+def concatenate(weighted: list[tuple[Factors, float]]) -> dict[str, torch.Tensor]:
+    """The merged file's tensors (peft key layout, no alpha) from each input's factors and
+    ratio. Concatenation runs along dim 0 of A and dim 1 of B, which is the rank for Linear and
+    Conv layers alike."""
+    stems = list(dict.fromkeys(stem for factors, _ in weighted for stem in factors))
+    tensors = {}
+    for stem in stems:
+        downs, ups = [], []
+        for factors, ratio in weighted:
+            if stem in factors:
+                down, up, scale = factors[stem]
+                downs.append(down)
+                ups.append(up * (ratio * scale))
+        tensors[f"{stem}.lora_A.weight"] = torch.cat(downs, dim=0).contiguous()
+        tensors[f"{stem}.lora_B.weight"] = torch.cat(ups, dim=1).contiguous()
+    return tensors
+
+
+def merged_file(
+    tensors: dict[str, torch.Tensor],
+    family: str,
+    inputs: list[tuple[str, float]],
+    trigger_words: list[str],
+) -> bytes:
+    """The merged `.safetensors` bytes, with metadata saying what it was made from."""
+    metadata = {
+        "loraplex.family": family,
+        "loraplex.merged_from": json.dumps([{"name": n, "ratio": r} for n, r in inputs]),
+    }
+    if trigger_words:
+        metadata["trigger_words"] = json.dumps(trigger_words)
+    return save_safetensors(tensors, metadata=metadata)
