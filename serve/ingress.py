@@ -25,6 +25,7 @@ from serve.errors import (
     TooLarge,
     Unauthorized,
 )
+from serve.loras.remote import check_url
 from serve.loras.store import LoraStore
 from serve.media import decode_input_image
 from serve.registry import registry_for
@@ -38,6 +39,7 @@ STATUS_BY_CODE = {
     "too_large": 413,
     "lora_incompatible": 422,
     "invalid_request": 422,
+    "lora_fetch_failed": 502,
     "overloaded": 503,
 }
 PUBLIC_PATHS = ("/healthz", "/docs", "/openapi.json")
@@ -198,13 +200,24 @@ class Ingress:
         if lora_required and not stack:
             raise LoraRequired()
         adapters = []
-        for spec in stack:
-            ref = self.store.resolve(spec.file_name)
+        for index, spec in enumerate(stack):
+            url = None
+            if spec.url is not None:
+                source = check_url(spec.url, self.config.remote_loras, f"loras.{index}.url")
+                ref, url = source.ref, source.url
+            else:
+                ref = self.store.resolve(spec.file_name)
             if any(use.key == ref.key for use in adapters):
                 raise InvalidRequest(f"loras: {ref.name} is listed twice")
             clip = spec.strength if spec.clip_strength is None else spec.clip_strength
             adapters.append(
-                AdapterUse(key=ref.key, name=ref.name, strength=spec.strength, clip_strength=clip)
+                AdapterUse(
+                    key=ref.key,
+                    name=ref.name,
+                    url=url,
+                    strength=spec.strength,
+                    clip_strength=clip,
+                )
             )
         defaults = model.generation_defaults()
         image = decode_input_image(request.image) if isinstance(request, EditRequest) else None
