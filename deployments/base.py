@@ -50,9 +50,7 @@ class HotAdapter:
 
 
 class DiffusionDeployment:
-    def __init__(
-        self, model: dict | ModelConfig, lora_root: str, remote_loras: dict | None = None
-    ):
+    def __init__(self, model: dict | ModelConfig, lora_root: str, remote_loras: dict | None = None):
         self.model = ModelConfig.model_validate(model)
         self.family = get_family(self.model.family)
         self.pipe = load_pipeline(
