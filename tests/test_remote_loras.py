@@ -294,3 +294,36 @@ def test_bad_remote_files_are_clear_errors(service, lora_server):
     assert corrupt.status_code == 422
     assert corrupt.json()["error"]["code"] == "lora_incompatible"
     assert "not-a-lora.safetensors" in corrupt.json()["error"]["message"]
+
+
+@pytest.fixture(scope="module")
+def app_without_urls(service, lora_root, ray_cluster):
+    """A second app on the default config (URL sources off): just its ingress, under /no-urls.
+    The ingress refuses a URL before any model is called, so it gets no model deployments."""
+    import httpx
+    from ray import serve
+
+    from serve.config import AppConfig
+    from serve.ingress import Ingress
+
+    config = AppConfig.model_validate(
+        {"lora_root": str(lora_root), "models": [{"name": "flux", "family": "flux"}]}
+    )
+    ingress = Ingress.options(ray_actor_options={"num_cpus": 0})
+    serve.run(
+        ingress.bind(config.model_dump(mode="json"), {}), name="no-urls", route_prefix="/no-urls"
+    )
+    with httpx.Client(base_url=f"{ray_cluster}/no-urls", timeout=300) as client:
+        yield client
+    serve.delete("no-urls")
+
+
+def test_a_default_config_refuses_urls_over_http(app_without_urls, lora_server):
+    url = lora_server.url("character-a.safetensors")
+    response = post(app_without_urls, "/flux-lora", loras=[{"id": "b"}, {"url": url}])
+    assert response.status_code == 422, response.text
+    assert response.json()["error"] == {
+        "code": "invalid_request",
+        "message": "loras.1.url: URL sources are disabled on this server",
+    }
+    assert lora_server.gets_of("character-a.safetensors") <= 1  # only the earlier test's GET
