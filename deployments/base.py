@@ -22,10 +22,11 @@ from ray.serve import metrics
 from deployments.adapters import ActiveAdapter, PipelineAdapters, adapter_name_for
 from deployments.family import get_family
 from deployments.loading import load_pipeline
-from serve.config import ModelConfig
+from serve.config import ModelConfig, RemoteLoraConfig
 from serve.errors import InvalidRequest
 from serve.loras.files import parse_lora_file
 from serve.loras.merge import adapter_factors, concatenate, merged_file
+from serve.loras.remote import RemoteLoraCache
 from serve.loras.store import LoraRef, LoraStore
 from serve.media import encode_image, encode_video, image_size
 from serve.registry import registry_for
@@ -50,7 +51,7 @@ class HotAdapter:
 
 
 class DiffusionDeployment:
-    def __init__(self, model: dict | ModelConfig, lora_root: str):
+    def __init__(self, model: dict | ModelConfig, lora_root: str, remote_loras: dict | None = None):
         self.model = ModelConfig.model_validate(model)
         self.family = get_family(self.model.family)
         self.pipe = load_pipeline(
@@ -58,6 +59,7 @@ class DiffusionDeployment:
         )
         self.adapters = PipelineAdapters(self.pipe, self.family)
         self.store = LoraStore(lora_root)
+        self.remote = RemoteLoraCache(RemoteLoraConfig.model_validate(remote_loras or {}))
         self._lock = asyncio.Lock()
         self._hot: dict[str, str] = {}  # store key -> peft adapter name, in load order
         self._staged: dict[str, dict[str, torch.Tensor]] = {}
@@ -194,6 +196,7 @@ class DiffusionDeployment:
             "adapter_loads": self._loads,
             "adapter_hits": self._hits,
             "adapter_evictions": self._evictions,
+            "remote_lora_cache": self.remote.stats() if self.remote.config.enabled else None,
             "rss_mb": round(_resident_memory_mb(), 1),
         }
 
@@ -256,7 +259,10 @@ class DiffusionDeployment:
 
     def _read_adapter(self, use: AdapterUse) -> dict[str, torch.Tensor]:
         name, _, version = use.key.rpartition("@")
-        data = self.store.read_bytes(LoraRef(name=name, version=version))
+        if use.url is not None:  # through the node's disk cache, checked again against config
+            data = self.remote.fetch(use.url)
+        else:
+            data = self.store.read_bytes(LoraRef(name=name, version=version))
         tensors, _metadata = parse_lora_file(data, name)
         self.adapters.check(tensors, name)
         return tensors

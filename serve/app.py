@@ -15,7 +15,9 @@ def build_app(args: dict) -> serve.Application:
     deployment = serve.deployment(DiffusionDeployment)
     handles = {
         model.name: deployment.options(name=model.name).bind(
-            model.model_dump(mode="json"), config.lora_root
+            model.model_dump(mode="json"),
+            config.lora_root,
+            config.remote_loras.model_dump(mode="json"),
         )
         for model in config.models
     }

@@ -80,6 +80,78 @@ class ModelConfig(BaseModel):
         return base.model_copy(update=self.defaults.model_dump(exclude_none=True))
 
 
+DEFAULT_LORA_CACHE_DIR = "~/.cache/loraplex/loras"
+
+
+class RemoteLoraConfig(BaseModel):
+    """LoRAs given by URL (`loras: [{url: ...}]`): off unless enabled, and then only from the
+    allowed schemes and hosts, up to a size and a time limit. Fetched files sit in a node-local
+    disk cache keyed by the URL's sha256, trimmed least-recently-used to a byte budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="Accept `url` LoRA sources at all.")
+    allowed_hosts: list[str] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Exact host names (no wildcards, no port) a URL may name; required when "
+        "enabled. For s3://bucket/key and the like, the host is the bucket.",
+    )
+    allowed_schemes: list[str] = Field(
+        default_factory=lambda: ["https"],
+        min_length=1,
+        max_length=16,
+        description="URL schemes accepted: https by default; http, s3, gs, hf, memory and other "
+        "fsspec protocols may be added. file and local are never accepted: the LoRA root is the "
+        "only local source.",
+    )
+    max_file_bytes: int = Field(
+        default=2 * 1024**3,
+        ge=1024,
+        le=64 * 1024**3,
+        description="Largest file fetched; a bigger one is refused as it streams in.",
+    )
+    timeout_s: float = Field(
+        default=60.0, gt=0.0, le=3600.0, description="Time allowed for one whole download."
+    )
+    cache_dir: str = Field(
+        default=DEFAULT_LORA_CACHE_DIR,
+        min_length=1,
+        max_length=2048,
+        description="Node-local folder for fetched files, shared by the replicas of a node; "
+        "`~` is the replica's home.",
+    )
+    cache_budget_bytes: int = Field(
+        default=20 * 1024**3,
+        ge=1024,
+        le=100 * 1024**4,
+        description="Bytes the cache may hold; least-recently-used files go beyond it.",
+    )
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _plain_hosts(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            if not host or host != host.strip() or any(c in host for c in "/:@*?#"):
+                raise ValueError(f"allowed_hosts: {host!r} is not a plain host name")
+        return [host.lower() for host in hosts]
+
+    @field_validator("allowed_schemes")
+    @classmethod
+    def _no_local_schemes(cls, schemes: list[str]) -> list[str]:
+        schemes = [scheme.lower() for scheme in schemes]
+        for scheme in schemes:
+            if scheme in ("file", "local") or not scheme.isascii() or not scheme.isalnum():
+                raise ValueError(f"allowed_schemes: {scheme!r} is not allowed")
+        return schemes
+
+    @model_validator(mode="after")
+    def _hosts_when_enabled(self) -> RemoteLoraConfig:
+        if self.enabled and not self.allowed_hosts:
+            raise ValueError("allowed_hosts: required when remote LoRAs are enabled")
+        return self
+
+
 class AppConfig(BaseModel):
     """The whole application: every served model plus what they share."""
 
@@ -112,6 +184,10 @@ class AppConfig(BaseModel):
         ge=60,
         le=30 * 24 * 3600,
         description="A resumable upload not completed this long after it began is removed.",
+    )
+    remote_loras: RemoteLoraConfig = Field(
+        default_factory=RemoteLoraConfig,
+        description="LoRAs by URL: off by default; an allowlist, a size limit and a disk cache.",
     )
 
     @field_validator("lora_root")

@@ -35,6 +35,12 @@ class LoraIncompatible(LoraplexError):
     code = "lora_incompatible"
 
 
+class RemoteFetchFailed(LoraplexError):
+    """A LoRA URL could not be fetched: it timed out, or its server failed or answered oddly."""
+
+    code = "lora_fetch_failed"
+
+
 class InvalidRequest(LoraplexError):
     """A field is out of range, unknown or inconsistent; the message names the field."""
 

@@ -34,6 +34,7 @@ from serve.loras.catalog import Catalog
 from serve.loras.files import parse_lora_file
 from serve.loras.formats import inspect_lora, trigger_words
 from serve.loras.merge import MergeRequest
+from serve.loras.remote import check_url
 from serve.loras.store import LORA_SUFFIX, LoraRef, LoraStore
 from serve.loras.uploads import Uploads, UploadStart, checked_target, with_metadata
 from serve.media import decode_input_image
@@ -58,6 +59,7 @@ STATUS_BY_CODE = {
     "too_large": 413,
     "lora_incompatible": 422,
     "invalid_request": 422,
+    "lora_fetch_failed": 502,
     "overloaded": 503,
 }
 PUBLIC_PATHS = ("/healthz", "/docs", "/openapi.json")
@@ -401,7 +403,12 @@ class Ingress:
         """The stack's adapters, then the prompt tags', resolved in the store, in order."""
         adapters, refs = [], []
         for index, spec in enumerate(stack):
-            ref = self.store.resolve(spec.file_name)
+            url = None
+            if spec.url is not None:
+                source = check_url(spec.url, self.config.remote_loras, f"loras.{index}.url")
+                ref, url = source.ref, source.url
+            else:
+                ref = self.store.resolve(spec.file_name)
             if ref in refs:
                 raise InvalidRequest(f"loras: {ref.name} is listed twice")
             if spec.block_weights:
@@ -412,6 +419,7 @@ class Ingress:
                 AdapterUse(
                     key=ref.key,
                     name=ref.name,
+                    url=url,
                     strength=spec.strength,
                     clip_strength=clip,
                     block_weights=spec.block_weights or {},
@@ -444,10 +452,12 @@ class Ingress:
 
     def _trigger_words(self, trigger_word: str | None, refs: list[LoraRef]) -> list[str]:
         """The words a `trigger_word` field asks for: itself, or for "auto" the trigger words
-        in the metadata of these files (read from their headers only)."""
+        in the metadata of these files (read from their headers only). A URL source's file is
+        fetched by the replica, never here, so "auto" adds nothing for it."""
         if trigger_word != AUTO_TRIGGER:
             return [trigger_word] if trigger_word else []
-        return [word for ref in refs for word in trigger_words(self.store.read_metadata(ref))]
+        stored = [ref for ref in refs if "://" not in ref.name]  # store names never hold ://
+        return [word for ref in stored for word in trigger_words(self.store.read_metadata(ref))]
 
     def _check_family(self, family: str | None) -> None:
         if family is None:

@@ -50,7 +50,7 @@ class DefaultsOverride(BaseModel):
 
 
 class LoraSpec(BaseModel):
-    """One adapter of a stack: `{id | name, strength, clip_strength, ...}`."""
+    """One adapter of a stack: `{id | name | url, strength, clip_strength, ...}`."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
@@ -64,6 +64,13 @@ class LoraSpec(BaseModel):
         min_length=1,
         max_length=512,
         description="File name under the LoRA root; sub-folders allowed.",
+    )
+    url: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2048,
+        description="A .safetensors file by URL (https, or an fsspec URI such as s3://): only "
+        "when the server enables remote LoRAs, from its allowed schemes and hosts.",
     )
     strength: float = Field(
         default=1.0,
@@ -98,8 +105,8 @@ class LoraSpec(BaseModel):
 
     @model_validator(mode="after")
     def _one_source(self) -> LoraSpec:
-        if (self.id is None) == (self.name is None):
-            raise ValueError("give exactly one of id or name")
+        if sum(source is not None for source in (self.id, self.name, self.url)) != 1:
+            raise ValueError("give exactly one of id, name or url")
         return self
 
     @property
@@ -189,6 +196,9 @@ class AdapterUse(BaseModel):
 
     key: str = Field(description="name@version: the multiplexed model id of this file version.")
     name: str
+    url: str | None = Field(
+        default=None, description="For a URL source: the checked URL, fetched by the replica."
+    )
     strength: float
     clip_strength: float
     block_weights: BlockWeights = Field(default_factory=dict)

@@ -136,7 +136,7 @@ def lora_root(tmp_path_factory, tiny_pipelines):
 
 
 @pytest.fixture(scope="session")
-def service(ray_cluster, lora_root):
+def service(ray_cluster, lora_root, tmp_path_factory):
     """The app from cluster/local.yaml, built by the product's own builder, on a test root."""
     import httpx
     import yaml
@@ -148,6 +148,12 @@ def service(ray_cluster, lora_root):
     args = serve_config["applications"][0]["args"]
     args["lora_root"] = str(lora_root)
     args["max_body_bytes"] = MAX_BODY_BYTES
+    args["remote_loras"] = {  # LoRAs by URL from the tests' own file server only
+        "enabled": True,
+        "allowed_hosts": ["127.0.0.1"],
+        "allowed_schemes": ["http"],
+        "cache_dir": str(tmp_path_factory.mktemp("lora-cache")),
+    }
     for model in args["models"]:
         model["max_adapters_per_replica"] = MAX_ADAPTERS
     serve.run(build_app(args), name="loraplex", route_prefix="/")
