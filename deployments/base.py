@@ -25,6 +25,7 @@ from deployments.loading import load_pipeline
 from serve.config import ModelConfig
 from serve.errors import InvalidRequest
 from serve.loras.files import parse_lora_file
+from serve.loras.formats import apply_metadata_alpha
 from serve.loras.store import LoraRef, LoraStore
 from serve.media import encode_image, encode_video, image_size
 from serve.registry import registry_for
@@ -205,7 +206,8 @@ class DiffusionDeployment:
     def _read_adapter(self, use: AdapterUse) -> dict[str, torch.Tensor]:
         name, _, version = use.key.rpartition("@")
         data = self.store.read_bytes(LoraRef(name=name, version=version))
-        tensors, _metadata = parse_lora_file(data, name)
+        tensors, metadata = parse_lora_file(data, name)
+        tensors = apply_metadata_alpha(tensors, metadata)
         self.adapters.check(tensors, name)
         return tensors
 

@@ -57,6 +57,9 @@ class Family:
     lora_markers: tuple[str, ...] = ()
     """Key fragments found only in this family's LoRA files, so a LoRA sent to the wrong
     endpoint is refused with both families named."""
+    convert_lora: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """Renames a LoRA file's keys to a layout diffusers' converters read, where diffusers lacks
+    one for a format of this family (see deployments/lora_keys.py); None: diffusers reads all."""
 
     @property
     def lora_components(self) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from diffusers.models.normalization import (
 )
 
 from deployments.family import Family
+from deployments.lora_keys import comfyui_to_kohya
 from deployments.tiny import (
     tiny_clip_text_model,
     tiny_clip_tokenizer,
@@ -113,4 +114,6 @@ FAMILY = Family(
     # Flux packs 2x2 latent patches: sizes step by twice the VAE's down-sampling.
     size_multiple=lambda pipe: pipe.vae_scale_factor * 2,
     lora_markers=("single_transformer_blocks", "double_blocks", "single_blocks", "ff_context"),
+    # ComfyUI's Flux files use BFL's module names, which diffusers reads only in kohya's naming.
+    convert_lora=lambda tensors: comfyui_to_kohya(tensors, ("double_blocks.", "single_blocks.")),
 )

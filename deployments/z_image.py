@@ -13,6 +13,7 @@ from diffusers import (
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from deployments.family import Family
+from deployments.lora_keys import comfyui_to_kohya
 from deployments.tiny import QWEN_VOCAB_SIZE, tiny_latent_vae, tiny_qwen2_tokenizer
 from serve.schemas import GenerationDefaults, GenerationJob
 
@@ -137,4 +138,7 @@ FAMILY = Family(
         "attention_out",
         "feed_forward",
     ),
+    # ComfyUI's Z-Image files use the original fused `attention.qkv` and `attention.out`, which
+    # diffusers splits and renames only in kohya's naming.
+    convert_lora=lambda tensors: comfyui_to_kohya(tensors, ("attention.qkv.", "attention.out.")),
 )
