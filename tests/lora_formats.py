@@ -71,8 +71,9 @@ def targets(pipe, component: str, endings: tuple[str, ...]) -> list[str]:
     """The diffusers module paths of `component` whose names end with one of `endings`."""
     names = []
     for name, module in getattr(pipe, component).named_modules():
+        name = name.removesuffix(".base_layer")  # peft keeps wrapping a layer that held adapters
         if isinstance(module, torch.nn.Linear) and name.endswith(endings):
-            names.append(name.removesuffix(".base_layer"))
+            names.append(name)
     return list(dict.fromkeys(names))
 
 
