@@ -140,6 +140,23 @@ def _diffusers_of_kohya(kohya: dict, up_scale: float) -> dict:
     return {k: v * up_scale if ".lora_B." in k else v for k, v in converted.items()}
 
 
+def save_with_metadata_alpha(lora: dict, folder, name: str, alpha: float):
+    """The Flux LoRA as diffusers' `save_lora_weights` writes it: rank and lora_alpha in the
+    file's `lora_adapter_metadata`."""
+    layers = {k.removeprefix("transformer."): v for k, v in lora.items()}
+    FluxPipeline.save_lora_weights(
+        folder,
+        transformer_lora_layers=layers,
+        transformer_lora_adapter_metadata={
+            "r": RANK,
+            "lora_alpha": alpha,
+            "target_modules": sorted({k.rpartition(".lora_")[0] for k in layers}),
+        },
+        weight_name=name,
+    )
+    return folder / name
+
+
 def test_lora_alpha_in_diffusers_adapter_metadata_scales_like_diffusers_own_loading(
     family_adapters, tmp_path
 ):
@@ -148,18 +165,7 @@ def test_lora_alpha_in_diffusers_adapter_metadata_scales_like_diffusers_own_load
     that of the same weights with lora_B halved."""
     adapters = family_adapters("flux")
     _, lora = lora_in_format(adapters.pipe, "flux", "diffusers", seed=7)
-    layers = {k.removeprefix("transformer."): v for k, v in lora.items()}
-    adapters.pipe.save_lora_weights(
-        tmp_path,
-        transformer_lora_layers=layers,
-        transformer_lora_adapter_metadata={
-            "r": RANK,
-            "lora_alpha": 2,
-            "target_modules": sorted({k.rpartition(".lora_")[0] for k in layers}),
-        },
-        weight_name="saved.safetensors",
-    )
-    path = tmp_path / "saved.safetensors"
+    path = save_with_metadata_alpha(lora, tmp_path, "saved.safetensors", alpha=2)
     tensors, metadata = parse_lora_file(path.read_bytes(), path.name)
     assert inspect_lora(tensors, metadata).alpha == 2.0
     adapters.load("service", apply_metadata_alpha(tensors, metadata), "service")
@@ -305,6 +311,18 @@ def test_http_a_comfyui_flux_file_serves_like_its_diffusers_twin(
     from_twin = pixels(post_flux(service, "formats-twin"))
     assert np.abs(from_comfy - from_twin).max() <= 1  # 8-bit rounding of float-equal images
     assert np.abs(from_comfy - pixels(post_flux(service, "a"))).mean() > 1
+
+
+def test_http_lora_alpha_in_adapter_metadata_is_applied(service, lora_root, tiny_pipelines):
+    """The service reads the file's metadata: lora_alpha 2 at rank 4 serves like lora_B halved."""
+    _, lora = lora_in_format(tiny_pipelines("flux"), "flux", "diffusers", seed=8)
+    save_with_metadata_alpha(lora, lora_root, "character-formats-meta.safetensors", alpha=2)
+    halved = {k: v * 0.5 if ".lora_B." in k else v for k, v in lora.items()}
+    write_lora(lora_root / "character-formats-halved.safetensors", halved)
+    write_lora(lora_root / "character-formats-full.safetensors", lora)
+    from_meta = pixels(post_flux(service, "formats-meta"))
+    assert np.abs(from_meta - pixels(post_flux(service, "formats-halved"))).max() <= 1
+    assert np.abs(from_meta - pixels(post_flux(service, "formats-full"))).mean() > 1
 
 
 def pixels(response) -> np.ndarray:
