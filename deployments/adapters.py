@@ -104,6 +104,8 @@ class PipelineAdapters:
         dropped = 2 * max(0, source_modules - converted_modules)
         total = len(matrices) + dropped
         if matched == 0 or len(unmatched) + dropped > MAX_UNMATCHED_SHARE * total:
+            if dropped and len(unmatched) < MAX_KEY_EXAMPLES:
+                unmatched += self._dropped_examples(copies, extra)
             examples = ", ".join((unmatched or list(tensors))[:MAX_KEY_EXAMPLES])
             lost = f" ({dropped} dropped by the format conversion)" if dropped else ""
             raise LoraIncompatible(
@@ -112,6 +114,29 @@ class PipelineAdapters:
                 f"{examples}"
             )
         return matched
+
+    def _dropped_examples(self, tensors: dict[str, torch.Tensor], extra: dict) -> list[str]:
+        """Down-matrix keys of modules that diffusers' conversion drops: each module converted
+        on its own (only on the way to an error, so the cost does not matter)."""
+        examples = []
+        for key in tensors:
+            suffix = next((s for s in LORA_DOWN_SUFFIXES if key.endswith(s)), None)
+            if suffix is None:
+                continue
+            stem = key.removesuffix(suffix)
+            prefixes = (f"{stem}.", f"{stem}_lora.")
+            module = {k: v.clone() for k, v in tensors.items() if k.startswith(prefixes)}
+            try:
+                converted = self.pipe.lora_state_dict(module, **extra)
+                converted = converted[0] if isinstance(converted, tuple) else converted
+                survived = any(".lora_A." in k or "down" in k for k in converted)
+            except Exception:
+                survived = False
+            if not survived:
+                examples.append(key)
+                if len(examples) == MAX_KEY_EXAMPLES:
+                    break
+        return examples
 
     def _renamed(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The file's keys in a layout diffusers converts, where the family needs a rename."""

@@ -207,7 +207,7 @@ class DiffusionDeployment:
         name, _, version = use.key.rpartition("@")
         data = self.store.read_bytes(LoraRef(name=name, version=version))
         tensors, metadata = parse_lora_file(data, name)
-        tensors = apply_metadata_alpha(tensors, metadata)
+        tensors = apply_metadata_alpha(tensors, metadata, name)
         self.adapters.check(tensors, name)
         return tensors
 

@@ -178,6 +178,24 @@ def test_lora_alpha_in_diffusers_adapter_metadata_scales_like_diffusers_own_load
     assert np.abs(from_service - base_image(adapters)).mean() > VISIBLE
 
 
+def test_metadata_alpha_honours_peft_patterns_and_refuses_junk():
+    lora = {
+        "transformer.a.to_q.lora_A.weight": torch.ones(4, 8),
+        "transformer.a.to_q.lora_B.weight": torch.ones(8, 4),
+        "transformer.a.to_k.lora_B.weight": torch.ones(8, 4),
+    }
+    config = {"transformer.r": 4, "transformer.lora_alpha": 2, "transformer.alpha_pattern": {}}
+    config["transformer.alpha_pattern"] = {"to_k": 8}
+    folded = apply_metadata_alpha(lora, {"lora_adapter_metadata": json.dumps(config)})
+    assert torch.equal(folded["transformer.a.to_q.lora_A.weight"], torch.ones(4, 8))
+    assert torch.equal(folded["transformer.a.to_q.lora_B.weight"], torch.full((8, 4), 0.5))
+    assert torch.equal(folded["transformer.a.to_k.lora_B.weight"], torch.full((8, 4), 2.0))
+    assert apply_metadata_alpha(lora, {}) is lora
+    junk = {"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": "lots"})}
+    with pytest.raises(LoraIncompatible, match="lora_adapter_metadata: unreadable"):
+        apply_metadata_alpha(lora, junk, "x.safetensors")
+
+
 # family -> format -> (expected format name, expected targets)
 EXPECTED_FORMAT = {
     "diffusers": "diffusers",
@@ -248,7 +266,7 @@ def test_a_converter_that_drops_keys_is_not_a_silent_partial_load(family_adapter
     # lower bound; the matched count is exact.
     assert f"Failed to load LoRA: dropping: {len(twin)} of " in message
     assert "LoRA matrices match the flux model (" in message
-    assert " dropped by the format conversion)" in message
+    assert " dropped by the format conversion); unmatched e.g. lora_te3_encoder_block_" in message
 
 
 # --- refusals over HTTP ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.family import detect_lora_family, get_family
+from serve.errors import LoraIncompatible
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # as diffusers' lora_base names it
 
@@ -100,9 +101,12 @@ def _metadata_alpha(metadata: dict[str, str]) -> float | None:
             return float(metadata[key])
         except (KeyError, ValueError):
             continue
-    configs = adapter_configs(metadata)
-    alphas = [config["lora_alpha"] for config in configs.values() if "lora_alpha" in config]
-    return float(alphas[0]) if alphas else None
+    for config in adapter_configs(metadata).values():
+        try:
+            return float(config["lora_alpha"])
+        except (KeyError, TypeError, ValueError):
+            continue
+    return None
 
 
 def adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
@@ -124,7 +128,7 @@ def adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
 
 
 def apply_metadata_alpha(
-    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], label: str = "adapter"
 ) -> dict[str, torch.Tensor]:
     """The tensors with the `lora_alpha` of diffusers' adapter metadata folded into lora_B.
 
@@ -143,9 +147,18 @@ def apply_metadata_alpha(
         if config is None or not rest.endswith(".lora_B.weight") or tensor.ndim < 2:
             continue
         module = rest.removesuffix(".lora_B.weight")
-        alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
-        rank = _pattern_value(config.get("rank_pattern"), module, tensor.shape[1])
-        if alpha is None or not rank:
+        try:
+            alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
+            rank = _pattern_value(config.get("rank_pattern"), module, tensor.shape[1])
+            if alpha is None:
+                continue
+            alpha, rank = float(alpha), float(rank)
+        except (TypeError, ValueError, re.error) as e:
+            raise LoraIncompatible(
+                f"Failed to load LoRA: {label}: {LORA_ADAPTER_METADATA_KEY}: unreadable "
+                f"{component}.lora_alpha / rank ({e})"
+            ) from e
+        if rank <= 0:
             continue
         scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
         if scale != 1:
