@@ -26,8 +26,9 @@ from tests.lora_formats import ALPHA, FORMATS, RANK, lora_in_format
 
 # A format's file and its diffusers twin differ only in where alpha / rank is multiplied in (and
 # in the order diffusers' converters multiply); measured max abs pixel difference (floats in
-# [0, 1]) over the matrix below: under 1e-5. Ignoring alpha (0.75 here) moves pixels by 0.05+.
-FORMAT_TOLERANCE = 1e-4
+# [0, 1]) over the matrix below: 7.7e-5 (Qwen-Image), 1e-5 or less elsewhere. Ignoring alpha
+# (0.75 here) changes pixels by several hundredths.
+FORMAT_TOLERANCE = 1e-3
 VISIBLE = 0.005  # mean abs pixel change that shows a LoRA did something
 EDIT_IMAGE = encode_image(
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)),
