@@ -37,6 +37,13 @@ MAX_KEY_EXAMPLES = 3
 # Converters drop what they cannot place, so a few leftovers are tolerated; more means the file
 # was made for another model, and loading it would silently change less than its author meant.
 MAX_UNMATCHED_SHARE = 0.05
+# The key endings of a LoRA's down (A) matrix in every layout diffusers reads: one per module.
+LORA_DOWN_SUFFIXES = (
+    ".lora_A.weight",
+    ".lora_down.weight",
+    ".lora.down.weight",
+    "_lora.down.weight",
+)
 
 
 @dataclass(frozen=True)
@@ -86,27 +93,67 @@ class PipelineAdapters:
     def _count_matches(self, tensors: dict[str, torch.Tensor], label: str) -> int:
         # Converters may scale the caller's tensors in place (diffusers' ComfyUI Wan converter
         # does), and the same tensors are loaded next: convert copies.
-        copies = {key: tensor.clone() for key, tensor in tensors.items()}
+        copies = self._renamed({key: tensor.clone() for key, tensor in tensors.items()})
         extra = {}
         if getattr(self.pipe, "unet", None) is not None:
             extra["unet_config"] = self.pipe.unet.config  # maps kohya SDXL's SGM block names
+        source_modules = sum(key.endswith(LORA_DOWN_SUFFIXES) for key in copies)
         try:
             converted = self.pipe.lora_state_dict(copies, **extra)  # diffusers' format conversion
             if isinstance(converted, tuple):
                 converted = converted[0]
             converted = self._peft_layout(converted)
         except Exception as e:
-            raise LoraIncompatible(f"Failed to load LoRA: {label}: {e}") from e
+            raise LoraIncompatible(f"Failed to load LoRA: {label}: {_describe(e)}") from e
         matrices = [key for key in converted if ".lora_A." in key or ".lora_B." in key]
         unmatched = [key for key in matrices if not self._fits(key, converted[key])]
         matched = len(matrices) - len(unmatched)
-        if matched == 0 or len(unmatched) > MAX_UNMATCHED_SHARE * len(matrices):
+        # diffusers' converters split fused modules (one becomes several) but never merge them,
+        # and drop, with at most a log line, the keys they do not know: fewer modules out than
+        # in means some of the file would silently not be applied. Counted as unmatched.
+        converted_modules = sum(".lora_A." in key for key in converted)
+        dropped = 2 * max(0, source_modules - converted_modules)
+        total = len(matrices) + dropped
+        if matched == 0 or len(unmatched) + dropped > MAX_UNMATCHED_SHARE * total:
+            if dropped and len(unmatched) < MAX_KEY_EXAMPLES:
+                unmatched += self._dropped_examples(copies, extra)
             examples = ", ".join((unmatched or list(tensors))[:MAX_KEY_EXAMPLES])
+            lost = f" ({dropped} dropped by the format conversion)" if dropped else ""
             raise LoraIncompatible(
-                f"Failed to load LoRA: {label}: {matched} of {len(matrices) or len(tensors)} "
-                f"LoRA matrices match the {self.family.name} model; unmatched e.g. {examples}"
+                f"Failed to load LoRA: {label}: {matched} of {total or len(tensors)} "
+                f"LoRA matrices match the {self.family.name} model{lost}; unmatched e.g. "
+                f"{examples}"
             )
         return matched
+
+    def _dropped_examples(self, tensors: dict[str, torch.Tensor], extra: dict) -> list[str]:
+        """Down-matrix keys of modules that diffusers' conversion drops: each module converted
+        on its own (only on the way to an error, so the cost does not matter)."""
+        examples = []
+        for key in tensors:
+            suffix = next((s for s in LORA_DOWN_SUFFIXES if key.endswith(s)), None)
+            if suffix is None:
+                continue
+            stem = key.removesuffix(suffix)
+            prefixes = (f"{stem}.", f"{stem}_lora.")
+            module = {k: v.clone() for k, v in tensors.items() if k.startswith(prefixes)}
+            try:
+                converted = self.pipe.lora_state_dict(module, **extra)
+                converted = converted[0] if isinstance(converted, tuple) else converted
+                survived = any(".lora_A." in k or "down" in k for k in converted)
+            except Exception:
+                survived = False
+            if not survived:
+                examples.append(key)
+                if len(examples) == MAX_KEY_EXAMPLES:
+                    break
+        return examples
+
+    def _renamed(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The file's keys in a layout diffusers converts, where the family needs a rename."""
+        if self.family.convert_lora is None:
+            return tensors
+        return self.family.convert_lora(tensors)
 
     def _peft_layout(self, converted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The keys as peft names them once loaded. `lora_state_dict` leaves UNet-family files
@@ -151,10 +198,10 @@ class PipelineAdapters:
         """Inject an adapter; returns its layer count. On any failure the pipeline is unchanged."""
         self._active = None  # diffusers activates what it loads; the next request re-activates
         try:
-            self.pipe.load_lora_weights(dict(tensors), adapter_name=adapter_name)
+            self.pipe.load_lora_weights(self._renamed(dict(tensors)), adapter_name=adapter_name)
         except Exception as e:
             self.delete(adapter_name)
-            raise LoraIncompatible(f"Failed to load LoRA: {label}: {e}") from e
+            raise LoraIncompatible(f"Failed to load LoRA: {label}: {_describe(e)}") from e
         layers = self.layer_count(adapter_name)
         if layers == 0:
             self.delete(adapter_name)
@@ -225,6 +272,11 @@ class PipelineAdapters:
             component = getattr(self.pipe, attr, None)
             if component is not None:
                 yield component
+
+
+def _describe(error: Exception) -> str:
+    """The error's message, or its type where it has none (a converter's bare assert)."""
+    return str(error) or f"{type(error).__name__} in diffusers' LoRA conversion"
 
 
 def _text_encoder_peft_layout(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

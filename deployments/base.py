@@ -25,6 +25,7 @@ from deployments.loading import load_pipeline
 from serve.config import ModelConfig, RemoteLoraConfig
 from serve.errors import InvalidRequest
 from serve.loras.files import parse_lora_file
+from serve.loras.formats import apply_metadata_alpha
 from serve.loras.merge import adapter_factors, concatenate, merged_file
 from serve.loras.remote import RemoteLoraCache
 from serve.loras.store import LoraRef, LoraStore
@@ -148,7 +149,9 @@ class DiffusionDeployment:
         Changes nothing: the ingress calls it on an upload before publishing the file."""
 
         def check() -> int:
-            tensors, _metadata = parse_lora_file(data, name)
+            tensors, metadata = parse_lora_file(data, name)
+            # As a request would read it, so an upload is refused for what a request would be.
+            tensors = apply_metadata_alpha(tensors, metadata, name)
             return self.adapters.check(tensors, name)
 
         return await asyncio.to_thread(check)
@@ -263,7 +266,8 @@ class DiffusionDeployment:
             data = self.remote.fetch(use.url)
         else:
             data = self.store.read_bytes(LoraRef(name=name, version=version))
-        tensors, _metadata = parse_lora_file(data, name)
+        tensors, metadata = parse_lora_file(data, name)
+        tensors = apply_metadata_alpha(tensors, metadata, name)
         self.adapters.check(tensors, name)
         return tensors
 

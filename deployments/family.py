@@ -60,6 +60,9 @@ class Family:
     endpoint is refused with both families named."""
     block_groups: BlockGroups | None = None
     """The denoiser's block groups that `block_weights` scale, in model order."""
+    convert_lora: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    """Renames a LoRA file's keys to a layout diffusers' converters read, where diffusers lacks
+    one for a format of this family (see deployments/lora_keys.py); None: diffusers reads all."""
 
     @property
     def lora_components(self) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ from diffusers.models.normalization import (
 
 from deployments.blocks import numbered_blocks
 from deployments.family import Family
+from deployments.lora_keys import comfyui_to_kohya
 from deployments.tiny import (
     tiny_clip_text_model,
     tiny_clip_tokenizer,
@@ -115,4 +116,6 @@ FAMILY = Family(
     size_multiple=lambda pipe: pipe.vae_scale_factor * 2,
     lora_markers=("single_transformer_blocks", "double_blocks", "single_blocks", "ff_context"),
     block_groups=numbered_blocks("transformer_blocks", "single_transformer_blocks"),
+    # ComfyUI's Flux files use BFL's module names, which diffusers reads only in kohya's naming.
+    convert_lora=lambda tensors: comfyui_to_kohya(tensors, ("double_blocks.", "single_blocks.")),
 )

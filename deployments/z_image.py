@@ -14,6 +14,7 @@ from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from deployments.blocks import numbered_blocks
 from deployments.family import Family
+from deployments.lora_keys import comfyui_to_kohya
 from deployments.tiny import QWEN_VOCAB_SIZE, tiny_latent_vae, tiny_qwen2_tokenizer
 from serve.schemas import GenerationDefaults, GenerationJob
 
@@ -139,4 +140,7 @@ FAMILY = Family(
         "feed_forward",
     ),
     block_groups=numbered_blocks("noise_refiner", "context_refiner", "layers"),
+    # ComfyUI's Z-Image files use the original fused `attention.qkv` and `attention.out`, which
+    # diffusers splits and renames only in kohya's naming.
+    convert_lora=lambda tensors: comfyui_to_kohya(tensors, ("attention.qkv.", "attention.out.")),
 )

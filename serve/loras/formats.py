@@ -8,6 +8,7 @@ uploads, and `trigger_word: "auto"`.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from typing import Literal
@@ -16,6 +17,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.family import detect_lora_family, get_family
+from serve.errors import LoraIncompatible
+
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # as diffusers' lora_base names it
 
 LoraFormat = Literal["diffusers", "kohya", "ai-toolkit", "musubi", "comfyui", "unknown"]
 
@@ -44,14 +48,21 @@ class LoraFacts(BaseModel):
     tensor_count: int
 
 
-def detect_format(keys: list[str]) -> LoraFormat:
-    """The convention the key names follow."""
+def detect_format(keys: list[str], metadata: dict[str, str] | None = None) -> LoraFormat:
+    """The convention the key names follow (and, for AI Toolkit's Flux files, which use
+    diffusers' own names, the `software` its metadata names)."""
     if any(key.startswith("lora_unet_blocks_") for key in keys):
         return "musubi"  # musubi-tuner's Wan/HunyuanVideo files: kohya naming over DiT blocks
     if any(key.startswith(_KOHYA_PREFIXES) for key in keys):
         return "kohya"
     if any(key.startswith("diffusion_model.") for key in keys):
+        # AI Toolkit writes peft's lora_A/lora_B under ComfyUI's prefix; ComfyUI's own saver
+        # and the trainers that follow it write lora_down/lora_up.
+        if any(".lora_A." in key or ".lora_B." in key for key in keys):
+            return "ai-toolkit"
         return "comfyui"
+    if "ai-toolkit" in (metadata or {}).get("software", ""):
+        return "ai-toolkit"
     if any(".lora_A." in key or ".lora_B." in key for key in keys):
         return "diffusers"
     if any(".lora_down." in key or ".lora.down." in key or "_lora.down." in key for key in keys):
@@ -74,7 +85,7 @@ def inspect_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     alpha = alphas.most_common(1)[0][0] if alphas else _metadata_alpha(metadata)
     family = metadata.get("loraplex.family") or detect_lora_family(keys)
     return LoraFacts(
-        format=detect_format(keys),
+        format=detect_format(keys, metadata),
         family=family,
         rank=ranks.most_common(1)[0][0] if ranks else None,
         alpha=alpha,
@@ -90,7 +101,77 @@ def _metadata_alpha(metadata: dict[str, str]) -> float | None:
             return float(metadata[key])
         except (KeyError, ValueError):
             continue
+    for config in adapter_configs(metadata).values():
+        try:
+            return float(config["lora_alpha"])
+        except (KeyError, TypeError, ValueError):
+            continue
     return None
+
+
+def adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
+    """component -> its peft LoraConfig fields, from diffusers' `lora_adapter_metadata` (what
+    `save_lora_weights` writes: `{"transformer.r": 4, "transformer.lora_alpha": 8, ...}`)."""
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    configs: dict[str, dict] = {}
+    for key, value in flat.items() if isinstance(flat, dict) else ():
+        component, _, field = key.partition(".")
+        if field:
+            configs.setdefault(component, {})[field] = value
+    return configs
+
+
+def apply_metadata_alpha(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], label: str = "adapter"
+) -> dict[str, torch.Tensor]:
+    """The tensors with the `lora_alpha` of diffusers' adapter metadata folded into lora_B.
+
+    diffusers reads that metadata only when it opens the file itself; the service hands it the
+    tensors it read, which diffusers would load at alpha = rank. Folding alpha / rank (peft's
+    scale, `alpha_pattern` / `rank_pattern` and rsLoRA included) into lora_B gives the same
+    layers diffusers builds from the file. Files without that metadata are returned as given
+    (kohya-style files carry alpha as `.alpha` tensors, which diffusers applies)."""
+    configs = adapter_configs(metadata)
+    if not configs:
+        return tensors
+    folded = dict(tensors)
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        config = configs.get(component)
+        if config is None or not rest.endswith(".lora_B.weight") or tensor.ndim < 2:
+            continue
+        module = rest.removesuffix(".lora_B.weight")
+        try:
+            alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
+            rank = _pattern_value(config.get("rank_pattern"), module, tensor.shape[1])
+            if alpha is None:
+                continue
+            alpha, rank = float(alpha), float(rank)
+        except (TypeError, ValueError, re.error) as e:
+            raise LoraIncompatible(
+                f"Failed to load LoRA: {label}: {LORA_ADAPTER_METADATA_KEY}: unreadable "
+                f"{component}.lora_alpha / rank ({e})"
+            ) from e
+        if rank <= 0:
+            continue
+        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        if scale != 1:
+            folded[key] = tensor * scale
+    return folded
+
+
+def _pattern_value(patterns, module: str, default):
+    """peft's per-module override: a pattern matches a module name or its dotted suffix."""
+    for pattern, value in (patterns or {}).items():
+        if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            return value
+    return default
 
 
 def _targets(keys: list[str], family: str | None) -> list[str]:
