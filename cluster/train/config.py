@@ -1,0 +1,160 @@
+"""The training job's typed config: what `POST /train`, `loraplex train --config job.yaml` and
+`python -m cluster.train --config job.yaml` all take, validated before any worker starts.
+
+Where a run keeps its files (the contract between the job and the HTTP API that reads them):
+
+    <storage_path>/<run_name>/
+        job.json            this config, as the job was started
+        status.json         RunStatus, rewritten by rank 0 as training goes
+        loss.png            the loss curve so far
+        samples/            step-<step:06d>-<index>.png for each sample prompt
+        checkpoints/        Ray Train checkpoints (the last `keep_checkpoints`)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments.family import FAMILY_NAMES
+
+RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+STATUS_FILE = "status.json"
+JOB_FILE = "job.json"
+LOSS_CURVE_FILE = "loss.png"
+SAMPLES_FOLDER = "samples"
+CHECKPOINTS_FOLDER = "checkpoints"
+
+LrScheduler = Literal["constant", "cosine", "linear", "cosine_with_restarts"]
+Optimizer = Literal["adamw", "adafactor", "adamw8bit", "lion"]
+MixedPrecision = Literal["no", "fp16", "bf16"]
+RunState = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"]
+
+
+class TrainConfig(BaseModel):
+    """Hyperparameters, with the training guide's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(default=16, ge=1, le=256, description="LoRA rank.")
+    alpha: float = Field(default=16.0, gt=0, le=1024, description="LoRA alpha; scale alpha/rank.")
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
+    lr_scheduler: LrScheduler = "constant"
+    lr_warmup_steps: int = Field(default=0, ge=0, le=100_000)
+    lr_num_cycles: int = Field(default=1, ge=1, le=100, description="cosine_with_restarts only.")
+    max_train_steps: int | None = Field(
+        default=None, ge=1, le=1_000_000, description="None: 100 x the number of images."
+    )
+    resolution: int = Field(default=1024, ge=64, le=4096, description="Pixels, square budget.")
+    aspect_ratio_buckets: bool = Field(
+        default=True, description="Group images by aspect ratio instead of center-cropping all."
+    )
+    batch_size: int = Field(default=1, ge=1, le=256, description="Per worker.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=1024)
+    optimizer: Optimizer = "adamw"
+    weight_decay: float = Field(default=1e-2, ge=0, le=1.0)
+    max_grad_norm: float = Field(default=1.0, ge=0, le=1000, description="0: no clipping.")
+    mixed_precision: MixedPrecision = "no"
+    gradient_checkpointing: bool = False
+    train_text_encoder: bool = False
+    cache_latents: bool = False
+    caption_dropout: float = Field(default=0.0, ge=0, le=1.0)
+    noise_offset: float = Field(default=0.0, ge=0, le=1.0)
+    repeats: int = Field(default=1, ge=1, le=1000, description="Times each image is seen/epoch.")
+    save_every: int = Field(default=100, ge=1, le=1_000_000, description="Steps per checkpoint.")
+    keep_checkpoints: int = Field(default=2, ge=1, le=100)
+    sample_every: int | None = Field(default=None, ge=1, le=1_000_000)
+    sample_prompts: list[str] = Field(default_factory=list, max_length=16)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    num_workers: int = Field(default=1, ge=1, le=512)
+    use_gpu: bool = False
+    accelerator_type: str | None = Field(
+        default=None, max_length=32, description='e.g. "A100" on production GPU nodes.'
+    )
+    max_failures: int = Field(default=2, ge=0, le=100, description="Worker failures tolerated.")
+    export_kohya: bool = Field(
+        default=False, description="Also write <output>.kohya.safetensors for ComfyUI/A1111."
+    )
+
+
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=4096)
+    caption: str = Field(default="", max_length=4000)
+
+
+class TrainJob(BaseModel):
+    """One training run: which model, which images, where the adapter goes."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    base_model: str = Field(description=f"The family to train: one of {', '.join(FAMILY_NAMES)}.")
+    model_uri: str = Field(
+        default="", max_length=2048, description="Empty: tiny://<family>, as in the Serve config."
+    )
+    dataset: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="A folder of images with same-named .txt captions: a name under "
+        "dataset_root, or a path / fsspec URI.",
+    )
+    image_urls: list[ImageUrl] = Field(default_factory=list, max_length=10_000)
+    trigger_word: str = Field(default="", max_length=200)
+    character_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,128}$")
+    output_name: str | None = Field(
+        default=None, min_length=1, max_length=512, description="A name under the LoRA root."
+    )
+    run_name: str | None = Field(
+        default=None, pattern=RUN_NAME_PATTERN, description="Default: derived from the output."
+    )
+    lora_root: str = Field(default="./models/loras", max_length=2048)
+    dataset_root: str = Field(default="./models/datasets", max_length=2048)
+    storage_path: str = Field(
+        default="./models/train", max_length=2048, description="Runs, checkpoints, status."
+    )
+    config: TrainConfig = Field(default_factory=TrainConfig)
+
+    @field_validator("base_model")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        if family not in FAMILY_NAMES:
+            raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILY_NAMES)}")
+        return family
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainJob:
+        if (self.dataset is None) == (not self.image_urls):
+            raise ValueError("dataset or image_urls: give exactly one")
+        if (self.character_id is None) == (self.output_name is None):
+            raise ValueError("character_id or output_name: give exactly one")
+        if not self.model_uri:
+            self.model_uri = f"tiny://{self.base_model}"
+        return self
+
+    @property
+    def output_file(self) -> str:
+        """The file name the adapter is published under, relative to the LoRA root."""
+        if self.character_id is not None:
+            return f"character-{self.character_id}.safetensors"
+        name = str(self.output_name)
+        return name if name.endswith(".safetensors") else f"{name}.safetensors"
+
+
+class RunStatus(BaseModel):
+    """What rank 0 writes to status.json and `GET /train/{job_id}` returns (with Ray's state)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    state: RunState = "PENDING"
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    steps_per_s: float | None = None
+    eta_s: float | None = None
+    checkpoints: list[str] = Field(default_factory=list)
+    samples: list[str] = Field(default_factory=list, description="Files under samples/.")
+    output_lora: str | None = Field(default=None, description="Set once published.")
+    error: str | None = None
