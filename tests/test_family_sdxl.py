@@ -3,8 +3,6 @@ diffusers and kohya formats, UNet and both text encoders."""
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 import torch
@@ -22,6 +20,7 @@ from deployments.family import get_family
 from deployments.sdxl import FAMILY, build_tiny_sdxl
 from serve.schemas import GenerationJob
 from tests.lora_files import lora_tensors
+from tests.lora_formats import sgm_block
 
 PROMPT = "a red fox in the snow"
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 2}
@@ -120,19 +119,6 @@ def job(**fields) -> GenerationJob:
         "adapters": [],
     }
     return GenerationJob(**{**values, **fields})
-
-
-def sgm_block(path: str, layers_per_block: int) -> str:
-    """kohya's SDXL name (the original SGM UNet's) for a diffusers attention module path:
-    input_blocks count conv_in, then each level's layers and its downsampler."""
-    step = layers_per_block + 1
-    if m := re.match(r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
-        return f"input_blocks.{1 + int(m[1]) * step + int(m[2])}.1.{m[3]}"
-    if m := re.match(r"mid_block\.attentions\.0\.(.+)", path):
-        return f"middle_block.1.{m[1]}"
-    if m := re.match(r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)", path):
-        return f"output_blocks.{int(m[1]) * step + int(m[2])}.1.{m[3]}"
-    raise ValueError(f"no SGM name for {path}")
 
 
 def kohya_sdxl(pipe, files, alpha: float):

@@ -19,6 +19,7 @@ from serve.loras.files import parse_lora_file
 from serve.media import encode_video
 from serve.schemas import GenerationJob, VideoRequest
 from tests.lora_files import lora_tensors, write_lora
+from tests.lora_formats import WAN_ORIGINAL_NAMES as ORIGINAL_NAMES
 
 PROMPT = "a red fox in the snow"
 SMALL = {"width": 128, "height": 96, "num_frames": 9, "num_inference_steps": 2}
@@ -26,19 +27,6 @@ SMALL = {"width": 128, "height": 96, "num_frames": 9, "num_inference_steps": 2}
 # multiplied in; measured max abs pixel difference (floats in [0, 1]) with alpha/rank 0.75:
 # 9.6e-5 (8e-6 in the latents, which the tiny VAE decoder amplifies). Without alpha/rank: 0.56.
 FORMAT_TOLERANCE = 1e-3
-# Wan's original module names (musubi-tuner, ComfyUI) -> diffusers' WanTransformer3DModel names.
-ORIGINAL_NAMES = {
-    "self_attn.q": "attn1.to_q",
-    "self_attn.k": "attn1.to_k",
-    "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "cross_attn.q": "attn2.to_q",
-    "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-}
 
 
 @pytest.fixture(scope="module")
