@@ -34,7 +34,10 @@ def ray_cluster():
 
     ray.init(
         num_cpus=8,  # logical CPUs: room for several tiny replicas on a 2-core machine
-        include_dashboard=False,
+        # The dashboard hosts Ray's job submission server, which `POST /train` submits to.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=free_port(),
         log_to_driver=False,
         runtime_env={
             "env_vars": {
@@ -147,6 +150,8 @@ def service(ray_cluster, lora_root, tmp_path_factory):
     serve_config = yaml.safe_load((REPO_ROOT / "cluster" / "local.yaml").read_text())
     args = serve_config["applications"][0]["args"]
     args["lora_root"] = str(lora_root)
+    args["dataset_root"] = str(tmp_path_factory.mktemp("datasets"))
+    args["train_storage_path"] = str(tmp_path_factory.mktemp("train"))
     args["max_body_bytes"] = MAX_BODY_BYTES
     args["remote_loras"] = {  # LoRAs by URL from the tests' own file server only
         "enabled": True,
