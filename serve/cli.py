@@ -32,6 +32,106 @@ def demo_lora(args: argparse.Namespace) -> None:
     print(path)
 
 
+def train(args: argparse.Namespace) -> None:
+    """Validate a job file here, submit it as a Ray job, print the job id; --wait follows it."""
+    import sys
+    import tempfile
+    import time
+
+    from pydantic import ValidationError
+
+    from cluster.train.config import JOB_FILE, TrainJob
+    from serve.errors import LoraplexError
+    from serve.training import (
+        TERMINAL_STATES,
+        job_metadata,
+        job_runtime_env,
+        new_job_id,
+        read_job_file,
+    )
+
+    job_id = new_job_id()
+    try:
+        fields = read_job_file(args.config)
+        fields.setdefault("run_name", job_id)
+        job = TrainJob.model_validate(fields)
+    except ValidationError as e:
+        for item in e.errors():
+            field = ".".join(str(p) for p in item["loc"]) or "job"
+            print(f"{args.config}: {field}: {item['msg']}", file=sys.stderr)
+        raise SystemExit(2) from e
+    except (LoraplexError, OSError, ValueError) as e:
+        print(f"{args.config}: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
+    job = _with_absolute_paths(job)
+    if not args.skip_dataset_check:
+        try:
+            from cluster.train.data import check_dataset
+        except ImportError:
+            check_dataset = None
+        if check_dataset is not None:
+            try:
+                check_dataset(job)
+            except (LoraplexError, ValueError, OSError) as e:
+                print(f"{args.config}: dataset: {e}", file=sys.stderr)
+                raise SystemExit(2) from e
+
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(args.address)
+    with tempfile.TemporaryDirectory() as folder:
+        # The job file travels as the job's working_dir, so the cluster needs no shared disk.
+        Path(folder, JOB_FILE).write_text(job.model_dump_json(indent=2))
+        runtime_env = {**job_runtime_env(), "working_dir": folder}
+        client.submit_job(
+            entrypoint=f"{_job_python(args.address)} -m cluster.train --config {JOB_FILE}",
+            submission_id=job_id,
+            runtime_env=runtime_env,
+            metadata=job_metadata(job),
+        )
+    print(job_id, flush=True)
+    if not args.wait:
+        return
+    printed = 0
+    while True:
+        status = str(client.get_job_status(job_id))
+        logs = client.get_job_logs(job_id)
+        print(logs[printed:], end="", flush=True)
+        printed = len(logs)
+        if status in TERMINAL_STATES:
+            break
+        time.sleep(args.poll_s)
+    print(f"{job_id}: {status}", flush=True)
+    if status != "SUCCEEDED":
+        raise SystemExit(1)
+
+
+def _job_python(address: str | None) -> str:
+    """This interpreter for a cluster on this machine (its venv has loraplex), else the
+    cluster's own `python`."""
+    import shlex
+    import sys
+    from urllib.parse import urlsplit
+
+    host = urlsplit(address).hostname if address and "://" in address else None
+    if address is None or host in ("127.0.0.1", "localhost"):
+        return shlex.quote(sys.executable)
+    return "python"
+
+
+def _with_absolute_paths(job):
+    """Local relative paths pinned to this directory: the job runs in its own working_dir."""
+    update = {}
+    for field in ("lora_root", "dataset_root", "storage_path"):
+        value = getattr(job, field)
+        if "://" not in value:
+            update[field] = os.path.abspath(value)
+    dataset = job.dataset
+    if dataset and "://" not in dataset and (dataset.startswith(".") or os.path.isdir(dataset)):
+        update["dataset"] = os.path.abspath(dataset)
+    return job.model_copy(update=update)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="loraplex", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -42,6 +142,22 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--rank", type=int, default=4)
     demo.set_defaults(run=demo_lora)
+    trainer = commands.add_parser("train", help=train.__doc__)
+    trainer.add_argument("--config", required=True, help="job.yaml or job.json (TrainJob fields)")
+    trainer.add_argument(
+        "--address",
+        default=None,
+        help="Ray job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS or the local "
+        "cluster)",
+    )
+    trainer.add_argument("--wait", action="store_true", help="follow the logs until it ends")
+    trainer.add_argument("--poll-s", type=float, default=2.0, help="seconds between polls")
+    trainer.add_argument(
+        "--skip-dataset-check",
+        action="store_true",
+        help="do not read the dataset here (it lies on the cluster's disks only)",
+    )
+    trainer.set_defaults(run=train)
     args = parser.parse_args(argv)
     args.run(args)
 

@@ -139,7 +139,19 @@ def lora_root(tmp_path_factory, tiny_pipelines):
 
 
 @pytest.fixture(scope="session")
-def service(ray_cluster, lora_root, tmp_path_factory):
+def dataset_root(tmp_path_factory):
+    """The service's dataset root (PUT /datasets/{name} writes here)."""
+    return tmp_path_factory.mktemp("datasets")
+
+
+@pytest.fixture(scope="session")
+def train_storage(tmp_path_factory):
+    """The service's training run folders."""
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="session")
+def service(ray_cluster, lora_root, dataset_root, train_storage, tmp_path_factory):
     """The app from cluster/local.yaml, built by the product's own builder, on a test root."""
     import httpx
     import yaml
@@ -150,8 +162,8 @@ def service(ray_cluster, lora_root, tmp_path_factory):
     serve_config = yaml.safe_load((REPO_ROOT / "cluster" / "local.yaml").read_text())
     args = serve_config["applications"][0]["args"]
     args["lora_root"] = str(lora_root)
-    args["dataset_root"] = str(tmp_path_factory.mktemp("datasets"))
-    args["train_storage_path"] = str(tmp_path_factory.mktemp("train"))
+    args["dataset_root"] = str(dataset_root)
+    args["train_storage_path"] = str(train_storage)
     args["max_body_bytes"] = MAX_BODY_BYTES
     args["remote_loras"] = {  # LoRAs by URL from the tests' own file server only
         "enabled": True,
