@@ -258,3 +258,26 @@ def test_delete_stops_a_running_job(service, zxq_dataset, lora_root):
     # Deleting an ended job forgets it.
     assert service.delete(f"/train/{job_id}").json()["deleted"] is True
     assert service.get(f"/train/{job_id}").status_code == 404
+
+
+# The command line
+
+
+def _loraplex(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "serve.cli", *args], capture_output=True, text=True, timeout=300
+    )
+
+
+def test_cli_refuses_bad_config_before_submitting(tmp_path):
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        "base_model: flux\ndataset: ./nowhere\ncharacter_id: cli\n"
+        "config: {rank: 0, learning_rate: -1}\n"
+    )
+    result = _loraplex("train", "--config", str(job), "--address", "http://127.0.0.1:9")
+    assert result.returncode == 2, result.stderr
+    assert "config.rank" in result.stderr and "config.learning_rate" in result.stderr
