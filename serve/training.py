@@ -282,16 +282,17 @@ class TrainingJobs:
         }
 
     def check(self, job: TrainJob) -> None:
-        """Refuse what would fail once workers start: a family not served here, and what
-        the job's own dataset check finds (empty dataset, unreadable image)."""
+        """Refuse what would fail once workers start: a family not served here, and what the
+        job's own checks find (a family it cannot train, an empty dataset, an unreadable
+        image, ...), so a refused job never becomes a Ray job."""
         if not any(m.family == job.base_model for m in self.config.models):
             raise InvalidRequest(f"base_model: no {job.base_model} model is served here")
         try:
-            from cluster.train.data import check_dataset
-        except ImportError:  # the training package without its dataset module: the job checks
+            from cluster.train.run import check_job
+        except ImportError:  # a training package without its runner: the job checks itself
             return
         try:
-            check_dataset(job)
+            check_job(job)
         except LoraplexError as e:
             raise InvalidRequest(_with_field(e.message)) from e
         except (ValueError, OSError) as e:
