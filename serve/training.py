@@ -327,7 +327,6 @@ class TrainingJobs:
         body.update(
             job_id=job_id,
             state=str(info.status),
-            run_state=progress.state,
             message=info.message,
             start_time_ms=info.start_time,
             end_time_ms=info.end_time,
@@ -337,8 +336,9 @@ class TrainingJobs:
             loss_url=f"/train/{job_id}/{LOSS_CURVE_FILE}",
             logs_url=f"/train/{job_id}/logs",
         )
-        if body["state"] == "FAILED" and not body["error"]:
-            body["error"] = info.message
+        if body["state"] in ("FAILED", "STOPPED"):
+            body["eta_s"] = None  # status.json stops where the run was cut off
+            body["error"] = body["error"] or info.message
         return body
 
     def list(self) -> list[dict]:
