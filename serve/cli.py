@@ -65,26 +65,27 @@ def train(args: argparse.Namespace) -> None:
         raise SystemExit(2) from e
     job = _with_absolute_paths(job)
     if not args.skip_dataset_check:
-        try:
-            from cluster.train.data import check_dataset
+        try:  # the job's own checks: family, options, dataset (every image decoded)
+            from cluster.train.run import check_job
         except ImportError:
-            check_dataset = None
-        if check_dataset is not None:
+            check_job = None
+        if check_job is not None:
             try:
-                check_dataset(job)
+                check_job(job)
             except (LoraplexError, ValueError, OSError) as e:
-                print(f"{args.config}: dataset: {e}", file=sys.stderr)
+                print(f"{args.config}: {e}", file=sys.stderr)
                 raise SystemExit(2) from e
 
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(args.address)
+    python = _job_python(client.get_address(), args.python)
     with tempfile.TemporaryDirectory() as folder:
         # The job file travels as the job's working_dir, so the cluster needs no shared disk.
         Path(folder, JOB_FILE).write_text(job.model_dump_json(indent=2))
         runtime_env = {**job_runtime_env(), "working_dir": folder}
         client.submit_job(
-            entrypoint=f"{_job_python(args.address)} -m cluster.train --config {JOB_FILE}",
+            entrypoint=f"{python} -m cluster.train --config {JOB_FILE}",
             submission_id=job_id,
             runtime_env=runtime_env,
             metadata=job_metadata(job),
@@ -106,17 +107,23 @@ def train(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
-def _job_python(address: str | None) -> str:
-    """This interpreter for a cluster on this machine (its venv has loraplex), else the
-    cluster's own `python`."""
+def _job_python(job_server_url: str, python: str | None) -> str:
+    """`--python`, else this interpreter when the job server is on this machine (the cluster
+    was started from this environment), else the cluster's own `python`."""
     import shlex
+    import socket
     import sys
     from urllib.parse import urlsplit
 
-    host = urlsplit(address).hostname if address and "://" in address else None
-    if address is None or host in ("127.0.0.1", "localhost"):
-        return shlex.quote(sys.executable)
-    return "python"
+    if python:
+        return shlex.quote(python)
+    host = urlsplit(job_server_url).hostname
+    local = {"127.0.0.1", "localhost", "::1", socket.gethostname()}
+    try:
+        local.add(socket.gethostbyname(socket.gethostname()))
+    except OSError:
+        pass
+    return shlex.quote(sys.executable) if host in local else "python"
 
 
 def _with_absolute_paths(job):
@@ -150,12 +157,18 @@ def main(argv: list[str] | None = None) -> None:
         help="Ray job server, e.g. http://127.0.0.1:8265 (default: RAY_ADDRESS or the local "
         "cluster)",
     )
+    trainer.add_argument(
+        "--python",
+        default=None,
+        help="the job's interpreter (default: this one when the job server runs on this machine, "
+        "else python)",
+    )
     trainer.add_argument("--wait", action="store_true", help="follow the logs until it ends")
     trainer.add_argument("--poll-s", type=float, default=2.0, help="seconds between polls")
     trainer.add_argument(
         "--skip-dataset-check",
         action="store_true",
-        help="do not read the dataset here (it lies on the cluster's disks only)",
+        help="skip the job's checks here (its dataset lies on the cluster's disks only)",
     )
     trainer.set_defaults(run=train)
     args = parser.parse_args(argv)
