@@ -281,3 +281,21 @@ def test_cli_refuses_bad_config_before_submitting(tmp_path):
     result = _loraplex("train", "--config", str(job), "--address", "http://127.0.0.1:9")
     assert result.returncode == 2, result.stderr
     assert "config.rank" in result.stderr and "config.learning_rate" in result.stderr
+
+
+def test_cli_submits_and_waits(service, zxq_dataset, dataset_root, lora_root, train_storage):
+    import ray
+    import yaml
+
+    job = train_storage / "cli-job.yaml"
+    fields = _train_body(str(dataset_root / zxq_dataset), "zxq-cli")
+    fields.update(lora_root=str(lora_root), storage_path=str(train_storage))
+    job.write_text(yaml.safe_dump(fields))
+    address = ray.get_runtime_context().gcs_address
+    result = _loraplex("train", "--config", str(job), "--address", address, "--wait")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    job_id = result.stdout.splitlines()[0]
+    assert result.stdout.rstrip().endswith(f"{job_id}: SUCCEEDED")
+    assert (lora_root / "character-zxq-cli.safetensors").exists()
+    # The run folder is <storage_path>/<job id>, so the server reports CLI jobs too.
+    assert service.get(f"/train/{job_id}").json()["state"] == "SUCCEEDED"
