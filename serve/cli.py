@@ -83,7 +83,8 @@ def train(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder:
         # The job file travels as the job's working_dir, so the cluster needs no shared disk.
         Path(folder, JOB_FILE).write_text(job.model_dump_json(indent=2))
-        runtime_env = {**job_runtime_env(), "working_dir": folder}
+        gcs_address = args.address if args.address and "://" not in args.address else None
+        runtime_env = {**job_runtime_env(gcs_address), "working_dir": folder}
         client.submit_job(
             entrypoint=f"{python} -m cluster.train --config {JOB_FILE}",
             submission_id=job_id,

@@ -227,6 +227,7 @@ class TrainingJobs:
         self.fs, root = fsspec.core.url_to_fs(config.train_storage_path)
         self.storage_root = root.rstrip("/") or "/"
         self._client = None
+        self._gcs_address: str | None = None
 
     @property
     def client(self):
@@ -239,7 +240,7 @@ class TrainingJobs:
                 import ray
 
                 # The GCS knows where this cluster's dashboard (the job server) listens.
-                address = ray.get_runtime_context().gcs_address
+                address = self._gcs_address = ray.get_runtime_context().gcs_address
             try:
                 self._client = JobSubmissionClient(address)
             except (ConnectionError, RuntimeError, ValueError) as e:
@@ -307,11 +308,12 @@ class TrainingJobs:
         config_arg = (
             job_path if self._is_local else f"{self.config.train_storage_path}/{job_id}/{JOB_FILE}"
         )
-        self.client.submit_job(
+        client = self.client  # first: it learns the GCS address the runtime env passes on
+        client.submit_job(
             entrypoint=f"{shlex.quote(sys.executable)} -m cluster.train "
             f"--config {shlex.quote(config_arg)}",
             submission_id=job_id,
-            runtime_env=job_runtime_env(),
+            runtime_env=job_runtime_env(self._gcs_address),
             metadata=job_metadata(job),
         )
         return {"job_id": job_id, "status_url": f"/train/{job_id}"}
@@ -440,8 +442,14 @@ class TrainingJobs:
             return None
 
 
-def job_runtime_env() -> dict:
-    return {"env_vars": {name: os.environ[name] for name in JOB_ENV_VARS if name in os.environ}}
+def job_runtime_env(gcs_address: str | None) -> dict:
+    """The job's environment variables. With the cluster's GCS address as RAY_ADDRESS, Ray
+    Train's helper actors that query the state API find this cluster even where a machine runs
+    several (they would otherwise refuse to guess among them)."""
+    env_vars = {name: os.environ[name] for name in JOB_ENV_VARS if name in os.environ}
+    if gcs_address:
+        env_vars["RAY_ADDRESS"] = gcs_address
+    return {"env_vars": env_vars}
 
 
 def job_metadata(job: TrainJob) -> dict[str, str]:

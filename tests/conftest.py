@@ -33,7 +33,8 @@ def ray_cluster():
     from ray import serve
 
     ray.init(
-        num_cpus=8,  # logical CPUs: room for several tiny replicas on a 2-core machine
+        # Logical CPUs: room for the tiny replicas (one CPU each) and a 2-worker training job.
+        num_cpus=16,
         # The dashboard hosts Ray's job submission server, which `POST /train` submits to.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
