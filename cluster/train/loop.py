@@ -264,8 +264,15 @@ class Trainer:
         for param in self.params:
             if param.grad is None:
                 param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad)
-            param.grad /= self.world
+        # One flat all-reduce, not one per layer: a LoRA has hundreds of small tensors.
+        flat = torch.cat([param.grad.reshape(-1) for param in self.params])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for param in self.params:
+            count = param.grad.numel()
+            param.grad.copy_(flat[offset : offset + count].view_as(param.grad))
+            offset += count
 
     # --- checkpoints --------------------------------------------------------------------------
 
