@@ -31,14 +31,25 @@ def ray_cluster():
     """One local Ray cluster and Serve instance for every test that needs them."""
     import ray
     from ray import serve
+    from ray.cluster_utils import Cluster
 
+    # A head node of our own, rather than ray.init()'s: ray.init cannot move the dashboard
+    # agent off its fixed port (52365), which another cluster on the machine may hold, and the
+    # agent runs the jobs that `POST /train` submits.
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            # Logical CPUs: the tiny replicas (one CPU each) and a 2-worker training job.
+            "num_cpus": 16,
+            "object_store_memory": 1024**3,
+            "include_dashboard": True,  # the dashboard hosts Ray's job submission server
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+            "dashboard_agent_listen_port": free_port(),
+        },
+    )
     ray.init(
-        # Logical CPUs: room for the tiny replicas (one CPU each) and a 2-worker training job.
-        num_cpus=16,
-        # The dashboard hosts Ray's job submission server, which `POST /train` submits to.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=free_port(),
+        address=cluster.address,
         log_to_driver=False,
         runtime_env={
             "env_vars": {
@@ -52,6 +63,7 @@ def ray_cluster():
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="session")
