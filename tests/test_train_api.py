@@ -202,27 +202,33 @@ def test_unknown_job_is_404(service):
 # Real runs
 
 
-def test_flux_job_runs_and_serves(service, zxq_dataset, lora_root, train_storage):
+@pytest.mark.parametrize(
+    ("family", "endpoint"), [("flux", "flux"), ("z_image", "z-image")], ids=["flux", "z_image"]
+)
+def test_job_runs_and_serves(service, zxq_dataset, train_storage, family, endpoint):
+    """POST /train to SUCCEEDED with 2 workers; the adapter serves at once and changes the image."""
+    character_id = f"zxq-{family}"
     started = time.monotonic()
-    response = service.post("/train", json=_train_body(zxq_dataset, "zxq-trained"))
+    body = {**_train_body(zxq_dataset, character_id), "base_model": family}
+    response = service.post("/train", json=body)
     assert response.status_code == 202, response.text
     job_id = response.json()["job_id"]
     assert response.json()["status_url"] == f"/train/{job_id}"
 
     status = _wait_for(service, job_id, ("SUCCEEDED",))
-    assert status["output_lora"] == "character-zxq-trained.safetensors"
+    assert status["output_lora"] == f"character-{character_id}.safetensors"
     assert status["step"] == status["total_steps"] == 4
-    assert status["loss"] is not None
+    assert status["loss"] is not None and status["workers"] == 2
     base = {"prompt": "zxq portrait", "width": 64, "height": 64, "steps": 2, "seed": 3}
-    image = service.post("/flux-lora", json={**base, "lora_id": "zxq-trained"})
+    image = service.post(f"/{endpoint}-lora", json={**base, "lora_id": character_id})
     first_image_s = time.monotonic() - started
     assert image.status_code == 200, image.text
-    print(f"\nPOST /train -> first image with the new adapter: {first_image_s:.1f} s")
-    assert image.content != service.post("/flux", json=base).content
+    print(f"\n{family}: POST /train -> first image with the new adapter: {first_image_s:.1f} s")
+    assert image.content != service.post(f"/{endpoint}", json=base).content
 
     listed = {e["name"]: e for e in service.get("/loras").json()["loras"]}
-    entry = listed["character-zxq-trained.safetensors"]
-    assert entry["family"] == "flux" and entry["rank"] == 4 and entry["error"] is None
+    entry = listed[f"character-{character_id}.safetensors"]
+    assert entry["family"] == family and entry["rank"] == 4 and entry["error"] is None
 
     loss = service.get(f"/train/{job_id}/loss.png")
     assert loss.status_code == 200 and loss.headers["content-type"] == "image/png"
@@ -234,7 +240,7 @@ def test_flux_job_runs_and_serves(service, zxq_dataset, lora_root, train_storage
 
     # A Ray job like any other: `ray job list` shows it, and so does GET /train.
     jobs = {info.submission_id: info for info in _job_client().list_jobs()}
-    assert jobs[job_id].metadata["loraplex.lora_name"] == "character-zxq-trained.safetensors"
+    assert jobs[job_id].metadata["loraplex.lora_name"] == entry["name"]
     assert job_id in [job["job_id"] for job in service.get("/train").json()["jobs"]]
 
 
