@@ -74,9 +74,7 @@ def test_untrainable_family_and_options_are_refused(tmp_path):
     wan = TrainJob.model_validate(_job(tmp_path, base_model="wan"))
     with pytest.raises(InvalidRequest, match="^base_model: training is not supported for wan"):
         check_job(wan)
-    z_image = TrainJob.model_validate(
-        _job(tmp_path, base_model="z_image", train_text_encoder=True)
-    )
+    z_image = TrainJob.model_validate(_job(tmp_path, base_model="z_image", train_text_encoder=True))
     with pytest.raises(InvalidRequest, match="^config.train_text_encoder:"):
         check_job(z_image)
     warmup = TrainJob.model_validate(_job(tmp_path, lr_warmup_steps=50))
