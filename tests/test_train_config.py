@@ -133,3 +133,27 @@ def test_cli_refuses_a_bad_config_with_the_field(tmp_path):
     )
     assert result.returncode == 2
     assert "config.rank" in result.stderr
+
+
+def test_image_urls_are_read_and_checked(tmp_path):
+    from tests.file_server import FileServer
+
+    data = write_dataset(tmp_path / "data")
+    (data / "broken.png").write_bytes(b"\x89PNG broken")
+    with FileServer(data) as server:
+        good = _job(
+            tmp_path,
+            dataset=None,
+            image_urls=[
+                {"url": server.url("img0.png"), "caption": "a circle"},
+                {"url": str(data / "img1.png")},
+            ],
+        )
+        summary = check_dataset(TrainJob.model_validate(good))
+        assert summary.images == 2 and summary.total_steps == 20
+        bad = dict(good, image_urls=[*good["image_urls"], {"url": server.url("broken.png")}])
+        with pytest.raises(InvalidRequest, match=r"^image_urls.2: unreadable image"):
+            check_dataset(TrainJob.model_validate(bad))
+        missing = dict(good, image_urls=[{"url": server.url("nothing.png")}])
+        with pytest.raises(InvalidRequest, match=r"^image_urls.0: unreadable image"):
+            check_dataset(TrainJob.model_validate(missing))

@@ -14,7 +14,13 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageDraw
 
-from cluster.train.config import LOSS_CURVE_FILE, SAMPLES_FOLDER, STATUS_FILE, RunStatus
+from cluster.train.config import (
+    CHECKPOINTS_FOLDER,
+    LOSS_CURVE_FILE,
+    SAMPLES_FOLDER,
+    STATUS_FILE,
+    RunStatus,
+)
 
 CURVE_SIZE_PX = (640, 360)
 CURVE_MARGIN_PX = 40
@@ -93,3 +99,14 @@ def write_sample(run_dir: str, step: int, index: int, image: Image.Image) -> str
     name = sample_name(step, index)
     write_file(posixpath.join(run_dir, SAMPLES_FOLDER, name), out.getvalue())
     return name
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """The run's checkpoint folders (`checkpoint_<time>`), oldest first."""
+    fs, path = fsspec.core.url_to_fs(posixpath.join(run_dir, CHECKPOINTS_FOLDER))
+    try:
+        found = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    names = [posixpath.basename(info["name"]) for info in found if info["type"] == "directory"]
+    return sorted(name for name in names if name.startswith("checkpoint_"))

@@ -12,7 +12,6 @@ import os
 import posixpath
 import tempfile
 
-import fsspec
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -122,7 +121,7 @@ def run(job: TrainJob, summary: DatasetSummary | None = None) -> RunStatus:
     except Exception as e:  # Ray raises once the failures allowed are spent
         result, error = None, e
     status = progress.read_status(run_dir) or RunStatus(total_steps=summary.total_steps)
-    status.checkpoints = _checkpoints(run_dir)
+    status.checkpoints = progress.list_checkpoints(run_dir)
     if error is not None or result is None or result.checkpoint is None:
         status.state = "FAILED"
         status.error = f"{type(error).__name__}: {error}" if error else "no checkpoint"
@@ -138,16 +137,6 @@ def run(job: TrainJob, summary: DatasetSummary | None = None) -> RunStatus:
     progress.write_status(run_dir, status)
     logger.info("published %s", ", ".join(ref.name for ref in refs))
     return status
-
-
-def _checkpoints(run_dir: str) -> list[str]:
-    fs, path = fsspec.core.url_to_fs(posixpath.join(run_dir, CHECKPOINTS_FOLDER))
-    try:
-        found = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-    names = [posixpath.basename(info["name"]) for info in found if info["type"] == "directory"]
-    return sorted(name for name in names if name.startswith("checkpoint_"))
 
 
 def _absolute(location: str) -> str:
