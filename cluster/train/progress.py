@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import tempfile
 import uuid
 
 import fsspec
@@ -20,6 +21,7 @@ from cluster.train.config import (
     SAMPLES_FOLDER,
     STATUS_FILE,
     RunStatus,
+    TrainJob,
 )
 
 CURVE_SIZE_PX = (640, 360)
@@ -110,3 +112,21 @@ def list_checkpoints(run_dir: str) -> list[str]:
         return []
     names = [posixpath.basename(info["name"]) for info in found if info["type"] == "directory"]
     return sorted(name for name in names if name.startswith("checkpoint_"))
+
+
+def run_name_for(job: TrainJob) -> str:
+    """The run's folder under storage_path: `run_name`, else the output file's stem."""
+    if job.run_name:
+        return job.run_name
+    return job.output_file.removesuffix(".safetensors").replace("/", "-")
+
+
+def run_dir_for(job: TrainJob) -> str:
+    return posixpath.join(absolute_location(job.storage_path), run_name_for(job))
+
+
+def absolute_location(location: str) -> str:
+    """A local path made absolute (Ray Train needs it; workers may run elsewhere), URIs as is."""
+    if "://" in location:
+        return location
+    return os.path.abspath(os.path.expanduser(location or tempfile.gettempdir()))
