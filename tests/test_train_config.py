@@ -11,10 +11,11 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from cluster.train.checks import check_job
 from cluster.train.config import TrainJob
 from cluster.train.data import StepOrder, bucket_size, check_dataset, with_trigger
-from cluster.train.progress import loss_curve_png
-from cluster.train.run import check_job, run, run_dir_for
+from cluster.train.progress import loss_curve_png, run_dir_for
+from cluster.train.run import run
 from serve.errors import InvalidRequest
 from tests.conftest import REPO_ROOT
 from tests.train_jobs import tiny_job, write_dataset
@@ -74,9 +75,7 @@ def test_untrainable_family_and_options_are_refused(tmp_path):
     wan = TrainJob.model_validate(_job(tmp_path, base_model="wan"))
     with pytest.raises(InvalidRequest, match="^base_model: training is not supported for wan"):
         check_job(wan)
-    z_image = TrainJob.model_validate(
-        _job(tmp_path, base_model="z_image", train_text_encoder=True)
-    )
+    z_image = TrainJob.model_validate(_job(tmp_path, base_model="z_image", train_text_encoder=True))
     with pytest.raises(InvalidRequest, match="^config.train_text_encoder:"):
         check_job(z_image)
     warmup = TrainJob.model_validate(_job(tmp_path, lr_warmup_steps=50))
@@ -135,3 +134,27 @@ def test_cli_refuses_a_bad_config_with_the_field(tmp_path):
     )
     assert result.returncode == 2
     assert "config.rank" in result.stderr
+
+
+def test_image_urls_are_read_and_checked(tmp_path):
+    from tests.file_server import FileServer
+
+    data = write_dataset(tmp_path / "data")
+    (data / "broken.png").write_bytes(b"\x89PNG broken")
+    with FileServer(data) as server:
+        good = _job(
+            tmp_path,
+            dataset=None,
+            image_urls=[
+                {"url": server.url("img0.png"), "caption": "a circle"},
+                {"url": str(data / "img1.png")},
+            ],
+        )
+        summary = check_dataset(TrainJob.model_validate(good))
+        assert summary.images == 2 and summary.total_steps == 20
+        bad = dict(good, image_urls=[*good["image_urls"], {"url": server.url("broken.png")}])
+        with pytest.raises(InvalidRequest, match=r"^image_urls.2: unreadable image"):
+            check_dataset(TrainJob.model_validate(bad))
+        missing = dict(good, image_urls=[{"url": server.url("nothing.png")}])
+        with pytest.raises(InvalidRequest, match=r"^image_urls.0: unreadable image"):
+            check_dataset(TrainJob.model_validate(missing))

@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 
 from cluster.train.config import RunStatus
-from cluster.train.run import run, run_dir_for
+from cluster.train.progress import run_dir_for
+from cluster.train.run import run
 from deployments import load_pipeline
 from deployments.adapters import ActiveAdapter, PipelineAdapters
 from deployments.family import get_family

@@ -48,3 +48,14 @@ def test_killed_worker_resumes_to_the_same_weights(ray_cluster, tmp_path, monkey
     for key in ours:
         torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-5)
     assert abs(crashed.validation_loss - straight.validation_loss) < 1e-4
+
+
+def test_a_run_out_of_failures_is_failed_and_publishes_nothing(ray_cluster, tmp_path, monkeypatch):
+    job = tiny_job(
+        tmp_path, "flux", write_dataset(tmp_path / "data"), max_train_steps=6, max_failures=0
+    )
+    monkeypatch.setenv(CRASH_AT_STEP_ENV, "3")  # one worker: rank 0 exits
+    monkeypatch.setenv(CRASH_MARKER_ENV, str(tmp_path / "crashed"))
+    status = run(job)
+    assert status.state == "FAILED" and status.error
+    assert not (tmp_path / "loras" / job.output_file).exists()

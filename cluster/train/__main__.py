@@ -11,8 +11,9 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from cluster.train.checks import check_job
 from cluster.train.config import TrainJob
-from cluster.train.run import check_job, run
+from cluster.train.run import run
 from serve.errors import InvalidRequest
 
 

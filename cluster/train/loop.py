@@ -355,6 +355,7 @@ class Trainer:
             lr=self.scheduler.get_last_lr()[0],
             steps_per_s=rate,
             eta_s=(self.total_steps - self.step) / rate if rate else None,
+            checkpoints=progress.list_checkpoints(self.run_dir),
             samples=list(self.sample_files),
             initial_validation_loss=self.validation.get("initial"),
             validation_loss=self.validation.get("last"),

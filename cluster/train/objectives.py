@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from diffusers import DDPMScheduler
 
 
 @dataclass
@@ -40,6 +41,9 @@ def noise_batch(
         sigmas = _shifted_sigmas(scheduler.config, u, latents).to(latents.device, latents.dtype)
         s = sigmas.view(batch, 1, 1, 1)
         return NoisedBatch((1 - s) * latents + s * noise, sigmas, noise - latents)
+    # The DDPM forward process of the model's noise schedule (its inference scheduler's betas),
+    # as diffusers' own training scripts build it.
+    scheduler = DDPMScheduler.from_config(scheduler.config)
     steps = int(scheduler.config.num_train_timesteps)
     timesteps = torch.randint(0, steps, (batch,), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)

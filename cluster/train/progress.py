@@ -8,13 +8,21 @@ from __future__ import annotations
 import io
 import os
 import posixpath
+import tempfile
 import uuid
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageDraw
 
-from cluster.train.config import LOSS_CURVE_FILE, SAMPLES_FOLDER, STATUS_FILE, RunStatus
+from cluster.train.config import (
+    CHECKPOINTS_FOLDER,
+    LOSS_CURVE_FILE,
+    SAMPLES_FOLDER,
+    STATUS_FILE,
+    RunStatus,
+    TrainJob,
+)
 
 CURVE_SIZE_PX = (640, 360)
 CURVE_MARGIN_PX = 40
@@ -93,3 +101,32 @@ def write_sample(run_dir: str, step: int, index: int, image: Image.Image) -> str
     name = sample_name(step, index)
     write_file(posixpath.join(run_dir, SAMPLES_FOLDER, name), out.getvalue())
     return name
+
+
+def list_checkpoints(run_dir: str) -> list[str]:
+    """The run's checkpoint folders (`checkpoint_<time>`), oldest first."""
+    fs, path = fsspec.core.url_to_fs(posixpath.join(run_dir, CHECKPOINTS_FOLDER))
+    try:
+        found = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    names = [posixpath.basename(info["name"]) for info in found if info["type"] == "directory"]
+    return sorted(name for name in names if name.startswith("checkpoint_"))
+
+
+def run_name_for(job: TrainJob) -> str:
+    """The run's folder under storage_path: `run_name`, else the output file's stem."""
+    if job.run_name:
+        return job.run_name
+    return job.output_file.removesuffix(".safetensors").replace("/", "-")
+
+
+def run_dir_for(job: TrainJob) -> str:
+    return posixpath.join(absolute_location(job.storage_path), run_name_for(job))
+
+
+def absolute_location(location: str) -> str:
+    """A local path made absolute (Ray Train needs it; workers may run elsewhere), URIs as is."""
+    if "://" in location:
+        return location
+    return os.path.abspath(os.path.expanduser(location or tempfile.gettempdir()))
