@@ -65,16 +65,13 @@ def train(args: argparse.Namespace) -> None:
         raise SystemExit(2) from e
     job = _with_absolute_paths(job)
     if not args.skip_dataset_check:
+        from cluster.train.checks import check_job
+
         try:  # the job's own checks: family, options, dataset (every image decoded)
-            from cluster.train.run import check_job
-        except ImportError:
-            check_job = None
-        if check_job is not None:
-            try:
-                check_job(job)
-            except (LoraplexError, ValueError, OSError) as e:
-                print(f"{args.config}: {e}", file=sys.stderr)
-                raise SystemExit(2) from e
+            check_job(job)
+        except (LoraplexError, ValueError, OSError) as e:
+            print(f"{args.config}: {e}", file=sys.stderr)
+            raise SystemExit(2) from e
 
     from ray.job_submission import JobSubmissionClient
 

@@ -23,6 +23,7 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
+from cluster.train.checks import check_job
 from cluster.train.config import (
     JOB_FILE,
     LOSS_CURVE_FILE,
@@ -288,10 +289,6 @@ class TrainingJobs:
         image, ...), so a refused job never becomes a Ray job."""
         if not any(m.family == job.base_model for m in self.config.models):
             raise InvalidRequest(f"base_model: no {job.base_model} model is served here")
-        try:
-            from cluster.train.run import check_job
-        except ImportError:  # a training package without its runner: the job checks itself
-            return
         try:
             check_job(job)
         except LoraplexError as e:
