@@ -163,6 +163,7 @@ def _train_body(dataset: str, character_id: str, **config) -> dict:
         ({"model_uri": "/somewhere/else"}, "model_uri"),
         ({"config": {"no_such_knob": 1}}, "config.no_such_knob"),
         ({"character_id": None}, "character_id or output_name"),
+        ({"dataset": None, "image_urls": [{"url": "http://evil.test/a.png"}]}, "image_urls.0.url"),
     ],
 )
 def test_bad_config_refused(service, zxq_dataset, change, field):
@@ -174,6 +175,18 @@ def test_bad_config_refused(service, zxq_dataset, change, field):
     assert response.json()["error"]["code"] == "invalid_request"
     assert field in response.json()["error"]["message"]
     assert len(_job_client().list_jobs()) == before  # nothing submitted
+
+
+def test_untrainable_family_refused(service, zxq_dataset):
+    from deployments.family import FAMILY_NAMES, get_family
+
+    untrainable = [name for name in FAMILY_NAMES if get_family(name).training is None]
+    if not untrainable:
+        pytest.skip("every family trains")
+    body = {**_train_body(zxq_dataset, "refused"), "base_model": untrainable[0]}
+    response = service.post("/train", json=body)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["message"].startswith("base_model: ")
 
 
 @pytest.mark.parametrize("problem", ["empty", "unreadable"])
