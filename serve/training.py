@@ -8,6 +8,8 @@ rewrites in the run folder `<train_storage_path>/<job_id>/` (layout in cluster/t
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import json
 import os
@@ -119,9 +121,6 @@ class Datasets:
 
     def pairs_from_json(self, upload: DatasetUpload) -> dict[str, tuple[bytes, str]]:
         """stem -> (PNG bytes, caption), every image decoded; nothing is written."""
-        import base64
-        import binascii
-
         files = []
         for index, item in enumerate(upload.images):
             field = f"images.{index}.content"
