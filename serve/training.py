@@ -17,8 +17,10 @@ import posixpath
 import re
 import shlex
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -299,19 +301,25 @@ class TrainingJobs:
         """Write the job file into the run folder and submit the run as a Ray job."""
         run = self._run_path(job_id)
         self.fs.makedirs(run, exist_ok=True)
+        job_json = job.model_dump_json(indent=2)
         job_path = posixpath.join(run, JOB_FILE)
-        self.fs.pipe_file(job_path, job.model_dump_json(indent=2).encode())
-        config_arg = (
-            job_path if self._is_local else f"{self.config.train_storage_path}/{job_id}/{JOB_FILE}"
-        )
+        self.fs.pipe_file(job_path, job_json.encode())
         client = self.client  # first: it learns the GCS address the runtime env passes on
-        client.submit_job(
-            entrypoint=f"{shlex.quote(sys.executable)} -m cluster.train "
-            f"--config {shlex.quote(config_arg)}",
-            submission_id=job_id,
-            runtime_env=job_runtime_env(self._gcs_address),
-            metadata=job_metadata(job),
-        )
+        runtime_env = job_runtime_env(self._gcs_address)
+        python = shlex.quote(sys.executable)
+        with tempfile.TemporaryDirectory() as folder:
+            if self._is_local:
+                config_arg = job_path
+            else:  # the job reads a local file: a remote store's copy travels as working_dir
+                Path(folder, JOB_FILE).write_text(job_json)
+                runtime_env["working_dir"] = folder
+                config_arg = JOB_FILE
+            client.submit_job(
+                entrypoint=f"{python} -m cluster.train --config {shlex.quote(config_arg)}",
+                submission_id=job_id,
+                runtime_env=runtime_env,
+                metadata=job_metadata(job),
+            )
         return {"job_id": job_id, "status_url": f"/train/{job_id}"}
 
     # Reading
