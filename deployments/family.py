@@ -28,6 +28,27 @@ FAMILY_NAMES = tuple(_FAMILY_MODULES)
 
 
 @dataclass(frozen=True)
+class TrainingSpec:
+    """How a family's LoRA is trained: the objective and the three model calls it needs.
+
+    The train loop (cluster/train/loop.py) owns noise, timesteps and the loss; these functions
+    own what is particular to the model: how images and captions become its inputs, and how the
+    denoiser is called (latent packing, timestep convention, the sign of its output)."""
+
+    objective: Literal["flow_matching", "epsilon", "v_prediction"]
+    """flow_matching: x_t = (1 - s) x0 + s noise, target noise - x0 (`predict` gets s in [0, 1]);
+    epsilon / v_prediction: the scheduler's DDPM forward process (`predict` gets t in [0, 1000))."""
+    encode_images: Callable[[Any, Any], Any]
+    """(pipe, pixels in [-1, 1], BCHW) -> normalised latents, BCHW."""
+    encode_prompts: Callable[[Any, list[str]], list[dict[str, Any]]]
+    """(pipe, captions) -> one conditioning dict per caption (cacheable per caption)."""
+    predict: Callable[[Any, Any, Any, list[dict[str, Any]]], Any]
+    """(pipe, noisy latents BCHW, timesteps (B,), conditionings) -> the prediction, BCHW."""
+    kohya_prefix: str = "lora_unet_"
+    """kohya names a module `<prefix><module path with _ for .>` (lora_down/lora_up/alpha)."""
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     endpoint: str
@@ -63,6 +84,8 @@ class Family:
     convert_lora: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     """Renames a LoRA file's keys to a layout diffusers' converters read, where diffusers lacks
     one for a format of this family (see deployments/lora_keys.py); None: diffusers reads all."""
+    training: TrainingSpec | None = None
+    """How LoRAs of this family are trained; None: training refuses the family."""
 
     @property
     def lora_components(self) -> tuple[str, ...]:

@@ -17,7 +17,7 @@ from diffusers.models.normalization import (
 )
 
 from deployments.blocks import numbered_blocks
-from deployments.family import Family
+from deployments.family import Family, TrainingSpec
 from deployments.lora_keys import comfyui_to_kohya
 from deployments.tiny import (
     tiny_clip_text_model,
@@ -26,6 +26,7 @@ from deployments.tiny import (
     tiny_t5_encoder,
     tiny_t5_tokenizer,
 )
+from deployments.training import vae_encode
 from serve.schemas import GenerationDefaults, GenerationJob
 
 _TINY_SEED = 0
@@ -102,6 +103,62 @@ def pipeline_kwargs(job: GenerationJob) -> dict[str, Any]:
     return kwargs
 
 
+# --- Training -----------------------------------------------------------------------------------
+
+_TRAIN_MAX_SEQUENCE_LENGTH = 512  # T5 tokens, as the pipeline encodes prompts by default
+# FLUX.1-dev's guidance is an input of the distilled model; LoRA trainers feed it 1.0.
+_TRAIN_GUIDANCE = 1.0
+
+
+def _encode_prompts(pipe, captions: list[str]) -> list[dict[str, Any]]:
+    prompt_embeds, pooled, text_ids = pipe.encode_prompt(
+        prompt=captions,
+        prompt_2=None,
+        device=pipe.transformer.device,
+        max_sequence_length=_TRAIN_MAX_SEQUENCE_LENGTH,
+    )
+    return [
+        {"prompt_embeds": prompt_embeds[i], "pooled": pooled[i], "text_ids": text_ids}
+        for i in range(len(captions))
+    ]
+
+
+def _predict(pipe, noisy: torch.Tensor, sigmas: torch.Tensor, conds: list[dict]) -> torch.Tensor:
+    """The transformer's velocity for BCHW latents: packed into 2x2 patches and back."""
+    batch, channels, height, width = noisy.shape
+    packed = pipe._pack_latents(noisy, batch, channels, height, width)
+    image_ids = pipe._prepare_latent_image_ids(
+        batch, height // 2, width // 2, noisy.device, noisy.dtype
+    )
+    transformer = pipe.transformer
+    guidance = None
+    if transformer.config.guidance_embeds:
+        guidance = torch.full((batch,), _TRAIN_GUIDANCE, device=noisy.device)
+    out = transformer(
+        hidden_states=packed,
+        timestep=sigmas,  # the transformer scales by 1000 itself, as the pipeline relies on
+        guidance=guidance,
+        pooled_projections=torch.stack([c["pooled"] for c in conds]),
+        encoder_hidden_states=torch.stack([c["prompt_embeds"] for c in conds]),
+        txt_ids=conds[0]["text_ids"],
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]
+    scale = pipe.vae_scale_factor
+    return pipe._unpack_latents(out, height * scale, width * scale, scale)
+
+
+TRAINING = TrainingSpec(
+    objective="flow_matching",
+    encode_images=vae_encode,
+    encode_prompts=_encode_prompts,
+    predict=_predict,
+    # The diffusers-named kohya layout (`lora_transformer_transformer_blocks_0_attn_to_q`), which
+    # diffusers reads for Flux; BFL's fused names cannot split the tiny model's single blocks.
+    kohya_prefix="lora_transformer_",
+)
+
+
 FAMILY = Family(
     name="flux",
     endpoint="flux",
@@ -118,4 +175,5 @@ FAMILY = Family(
     block_groups=numbered_blocks("transformer_blocks", "single_transformer_blocks"),
     # ComfyUI's Flux files use BFL's module names, which diffusers reads only in kohya's naming.
     convert_lora=lambda tensors: comfyui_to_kohya(tensors, ("double_blocks.", "single_blocks.")),
+    training=TRAINING,
 )

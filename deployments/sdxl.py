@@ -14,11 +14,12 @@ from diffusers import (
 )
 
 from deployments.blocks import Block, BlockGroups
-from deployments.family import Family
+from deployments.family import Family, TrainingSpec
 from deployments.tiny import (
     tiny_clip_text_model,
     tiny_clip_tokenizer,
 )
+from deployments.training import vae_encode
 from serve.schemas import GenerationDefaults, GenerationJob
 
 _TINY_SEED = 0
@@ -157,6 +158,46 @@ SDXL_BLOCK_GROUPS = BlockGroups(
 )
 
 
+# --- Training -----------------------------------------------------------------------------------
+
+
+def _encode_prompts(pipe, captions: list[str]) -> list[dict[str, Any]]:
+    embeds, _, pooled, _ = pipe.encode_prompt(
+        prompt=list(captions), device=pipe.unet.device, do_classifier_free_guidance=False
+    )
+    return [{"prompt_embeds": embeds[i], "pooled": pooled[i]} for i in range(len(captions))]
+
+
+def _predict(pipe, noisy: torch.Tensor, timesteps: torch.Tensor, conds: list[dict]) -> torch.Tensor:
+    """The UNet's noise prediction, with SDXL's size conditioning: the image was this size,
+    uncropped (buckets resize the whole image)."""
+    height, width = (side * pipe.vae_scale_factor for side in noisy.shape[-2:])
+    pooled = torch.stack([c["pooled"] for c in conds])
+    time_ids = pipe._get_add_time_ids(
+        (height, width),
+        (0, 0),
+        (height, width),
+        dtype=pooled.dtype,
+        text_encoder_projection_dim=int(pooled.shape[-1]),
+    ).repeat(noisy.shape[0], 1)
+    return pipe.unet(
+        noisy,
+        timesteps,
+        encoder_hidden_states=torch.stack([c["prompt_embeds"] for c in conds]),
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.to(noisy.device)},
+        return_dict=False,
+    )[0]
+
+
+TRAINING = TrainingSpec(
+    objective="epsilon",  # SDXL base predicts the noise
+    encode_images=vae_encode,
+    encode_prompts=_encode_prompts,
+    predict=_predict,
+    kohya_prefix="lora_unet_",  # kohya's diffusers-named UNet keys, which diffusers reads
+)
+
+
 FAMILY = Family(
     name="sdxl",
     endpoint="sdxl",
@@ -182,4 +223,5 @@ FAMILY = Family(
         "text_encoder_2",
     ),
     block_groups=SDXL_BLOCK_GROUPS,
+    training=TRAINING,
 )

@@ -13,9 +13,10 @@ from diffusers import (
 from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 
 from deployments.blocks import numbered_blocks
-from deployments.family import Family
+from deployments.family import Family, TrainingSpec
 from deployments.lora_keys import comfyui_to_kohya
 from deployments.tiny import QWEN_VOCAB_SIZE, tiny_latent_vae, tiny_qwen2_tokenizer
+from deployments.training import vae_encode
 from serve.schemas import GenerationDefaults, GenerationJob
 
 _TINY_SEED = 0
@@ -111,6 +112,41 @@ def pipeline_kwargs(job: GenerationJob) -> dict[str, Any]:
     }
 
 
+# --- Training -----------------------------------------------------------------------------------
+
+_TRAIN_MAX_SEQUENCE_LENGTH = 512  # as the pipeline encodes prompts
+
+
+def _encode_prompts(pipe, captions: list[str]) -> list[dict[str, Any]]:
+    # One embedding per caption, its padding already removed: lengths differ per caption.
+    embeds = pipe._encode_prompt(
+        prompt=list(captions),
+        device=pipe.transformer.device,
+        max_sequence_length=_TRAIN_MAX_SEQUENCE_LENGTH,
+    )
+    return [{"prompt_embeds": embed} for embed in embeds]
+
+
+def _predict(pipe, noisy: torch.Tensor, sigmas: torch.Tensor, conds: list[dict]) -> torch.Tensor:
+    """The velocity (noise - x0) for BCHW latents. The transformer takes a list of CFHW
+    latents and time running from 0 (noise) to 1 (image), and returns minus the velocity,
+    as the pipeline's sampling loop shows."""
+    frames = list(noisy.to(pipe.transformer.dtype).unsqueeze(2).unbind(dim=0))
+    out = pipe.transformer(
+        frames, 1.0 - sigmas, [c["prompt_embeds"] for c in conds], return_dict=False
+    )[0]
+    return -torch.stack([o.float() for o in out], dim=0).squeeze(2)
+
+
+TRAINING = TrainingSpec(
+    objective="flow_matching",
+    encode_images=vae_encode,
+    encode_prompts=_encode_prompts,
+    predict=_predict,
+    kohya_prefix="lora_unet_",  # `lora_unet_layers_0_attention_to_q`, as diffusers reads
+)
+
+
 FAMILY = Family(
     name="z_image",
     endpoint="z-image",
@@ -143,4 +179,5 @@ FAMILY = Family(
     # ComfyUI's Z-Image files use the original fused `attention.qkv` and `attention.out`, which
     # diffusers splits and renames only in kohya's naming.
     convert_lora=lambda tensors: comfyui_to_kohya(tensors, ("attention.qkv.", "attention.out.")),
+    training=TRAINING,
 )

@@ -163,6 +163,23 @@ class AppConfig(BaseModel):
         max_length=2048,
         description="fsspec URI or local folder holding the .safetensors adapters.",
     )
+    dataset_root: str = Field(
+        default="./models/datasets",
+        max_length=2048,
+        description="fsspec URI or local folder holding training datasets (PUT /datasets/{name}).",
+    )
+    train_storage_path: str = Field(
+        default="./models/train",
+        max_length=2048,
+        description="fsspec URI or local folder for training runs: status, loss curve, samples, "
+        "checkpoints. Every node running a training job must reach it.",
+    )
+    job_submission_url: str = Field(
+        default="auto",
+        max_length=2048,
+        description="Ray job submission server (the dashboard, e.g. http://127.0.0.1:8265) that "
+        "POST /train submits to; auto: the dashboard of the cluster the ingress runs on.",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         max_length=1024,
@@ -190,7 +207,7 @@ class AppConfig(BaseModel):
         description="LoRAs by URL: off by default; an allowlist, a size limit and a disk cache.",
     )
 
-    @field_validator("lora_root")
+    @field_validator("lora_root", "dataset_root", "train_storage_path")
     @classmethod
     def _absolute_local_root(cls, root: str) -> str:
         # Replicas may run with another working directory: pin relative local paths now.

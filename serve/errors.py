@@ -72,6 +72,12 @@ class Overloaded(LoraplexError):
     code = "overloaded"
 
 
+class JobServerUnavailable(LoraplexError):
+    """Ray's job submission server (part of the dashboard) cannot be reached."""
+
+    code = "job_server_unavailable"
+
+
 class ModelLoadError(LoraplexError):
     """A base model could not be built or loaded from its URI (a deployment start-up failure)."""
 

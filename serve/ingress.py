@@ -9,12 +9,15 @@ import json
 import secrets
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
 
+from cluster.train.config import TrainJob
 from deployments.blocks import check_group_names
 from deployments.family import FAMILY_NAMES, Family, get_family
 from serve.config import AppConfig, ModelConfig
@@ -49,6 +52,14 @@ from serve.schemas import (
     GenerationRequest,
     LoraSpec,
 )
+from serve.training import (
+    MAX_DATASET_IMAGES,
+    Datasets,
+    DatasetUpload,
+    TrainingJobs,
+    check_dataset_name,
+    new_job_id,
+)
 
 STATUS_BY_CODE = {
     "lora_required": 400,
@@ -61,6 +72,7 @@ STATUS_BY_CODE = {
     "invalid_request": 422,
     "lora_fetch_failed": 502,
     "overloaded": 503,
+    "job_server_unavailable": 503,
 }
 PUBLIC_PATHS = ("/healthz", "/docs", "/openapi.json")
 RETRY_AFTER_S = 1
@@ -132,10 +144,40 @@ async def _read_json(request: Request, max_bytes: int) -> object:
     body = await request.body()
     if len(body) > max_bytes:
         raise TooLarge(f"body: {len(body)} bytes is over the limit of {max_bytes}")
+    return _parse_json(body)
+
+
+def _parse_json(body: bytes) -> object:
     try:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InvalidRequest(f"body: not valid JSON ({e})") from e
+
+
+async def _form_parts(request: Request, body: bytes) -> list[tuple[str, str | None, bytes]]:
+    """A multipart body (already read within the limit) as (field, file name or None, bytes)."""
+
+    async def stream():
+        yield body
+
+    parser = MultiPartParser(
+        request.headers,
+        stream(),
+        max_files=2 * MAX_DATASET_IMAGES,
+        max_fields=2 * MAX_DATASET_IMAGES,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise InvalidRequest(f"body: not valid multipart ({e.message})") from e
+    parts = []
+    for field, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            parts.append((field, value.filename or field, await value.read()))
+        else:
+            parts.append((field, None, value.encode()))
+    await form.close()
+    return parts
 
 
 async def _read_body(request: Request, max_bytes: int) -> bytes:
@@ -176,6 +218,8 @@ class Ingress:
         self.catalog = Catalog(self.store)
         self.uploads = Uploads(self.store, self.config.max_lora_bytes, self.config.upload_expiry_s)
         self.registry = registry_for(serve.get_replica_context().app_name)
+        self.datasets = Datasets(self.config.dataset_root)
+        self.training = TrainingJobs(self.config)
         app.state.config = self.config
 
     @app.get("/healthz")
@@ -327,6 +371,72 @@ class Ingress:
         """Remove a file (404 when absent). Requests naming it afterwards get 404."""
         ref = await asyncio.to_thread(self.store.delete, name)
         return {"deleted": ref.name}
+
+    # Training (serve/training.py). Above the generation route: `/train` would match
+    # `/{endpoint}`.
+
+    @app.put("/datasets/{name:path}", status_code=201)
+    async def put_dataset(self, name: str, request: Request) -> dict:
+        """A whole dataset, replacing any of that name: JSON `{images: [{filename, content
+        (base64), caption}]}`, or multipart image files with `<stem>.txt` captions (files or
+        fields). Stored as `<stem>.png` + `<stem>.txt`; every image is decoded first."""
+        check_dataset_name(name)
+        body = await _read_body(request, self.config.max_body_bytes)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            parts = await _form_parts(request, body)
+            pairs = await asyncio.to_thread(self.datasets.pairs_from_form, parts)
+        else:
+            upload = _validated(DatasetUpload, _parse_json(body))
+            pairs = await asyncio.to_thread(self.datasets.pairs_from_json, upload)
+        return await asyncio.to_thread(self.datasets.write, name, pairs)
+
+    @app.get("/datasets/{name:path}")
+    async def get_dataset(self, name: str) -> dict:
+        """The dataset's images with their sizes and captions."""
+        return await asyncio.to_thread(self.datasets.describe, name)
+
+    @app.post("/train", status_code=202)
+    async def start_training(self, request: Request) -> dict:
+        """Validate a TrainJob (refusals name the field; the dataset is checked too) and
+        submit it as a Ray job: 202 `{job_id, status_url}`."""
+        job_id = new_job_id()
+        body = await _read_json(request, self.config.max_body_bytes)
+        job = _validated(TrainJob, self.training.job_fields(body, job_id))
+        await asyncio.to_thread(self.training.check, job)
+        return await asyncio.to_thread(self.training.submit, job_id, job)
+
+    @app.get("/train")
+    async def list_training(self) -> dict:
+        """Every training job the cluster knows, newest first."""
+        return {"jobs": await asyncio.to_thread(self.training.list)}
+
+    @app.get("/train/{job_id}")
+    async def training_status(self, job_id: str) -> dict:
+        """State (Ray's), step, total steps, loss, lr, ETA, checkpoints, sample URLs, LoRA."""
+        return await asyncio.to_thread(self.training.status, job_id)
+
+    @app.get("/train/{job_id}/logs", response_class=PlainTextResponse)
+    async def training_logs(self, job_id: str, lines: int = 200) -> PlainTextResponse:
+        """The last `lines` lines of the job's log (Ray's job log)."""
+        if not 1 <= lines <= 100_000:
+            raise InvalidRequest("lines: between 1 and 100000")
+        return PlainTextResponse(await asyncio.to_thread(self.training.logs, job_id, lines))
+
+    @app.get("/train/{job_id}/loss.png", response_class=Response)
+    async def training_loss(self, job_id: str) -> Response:
+        data = await asyncio.to_thread(self.training.run_file, job_id, "loss.png")
+        return Response(data, media_type="image/png")
+
+    @app.get("/train/{job_id}/samples/{filename}", response_class=Response)
+    async def training_sample(self, job_id: str, filename: str) -> Response:
+        data = await asyncio.to_thread(self.training.sample, job_id, filename)
+        return Response(data, media_type="image/png")
+
+    @app.delete("/train/{job_id}")
+    async def stop_training(self, job_id: str) -> dict:
+        """Stop a running job (it publishes nothing) and wait for Ray to confirm; for a job
+        that already ended, forget it and its run folder (never its published LoRA)."""
+        return await asyncio.to_thread(self.training.stop, job_id)
 
     @app.post("/{endpoint}", openapi_extra=_GENERATION_BODY, response_class=Response)
     async def generate(self, endpoint: str, request: Request) -> Response:

@@ -31,10 +31,25 @@ def ray_cluster():
     """One local Ray cluster and Serve instance for every test that needs them."""
     import ray
     from ray import serve
+    from ray.cluster_utils import Cluster
 
+    # A head node of our own, rather than ray.init()'s: ray.init cannot move the dashboard
+    # agent off its fixed port (52365), which another cluster on the machine may hold, and the
+    # agent runs the jobs that `POST /train` submits.
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={
+            # Logical CPUs: the tiny replicas (one CPU each) and a 2-worker training job.
+            "num_cpus": 16,
+            "object_store_memory": 1024**3,
+            "include_dashboard": True,  # the dashboard hosts Ray's job submission server
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
+            "dashboard_agent_listen_port": free_port(),
+        },
+    )
     ray.init(
-        num_cpus=8,  # logical CPUs: room for several tiny replicas on a 2-core machine
-        include_dashboard=False,
+        address=cluster.address,
         log_to_driver=False,
         runtime_env={
             "env_vars": {
@@ -48,6 +63,7 @@ def ray_cluster():
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+    cluster.shutdown()
 
 
 @pytest.fixture(scope="session")
@@ -136,7 +152,19 @@ def lora_root(tmp_path_factory, tiny_pipelines):
 
 
 @pytest.fixture(scope="session")
-def service(ray_cluster, lora_root, tmp_path_factory):
+def dataset_root(tmp_path_factory):
+    """The service's dataset root (PUT /datasets/{name} writes here)."""
+    return tmp_path_factory.mktemp("datasets")
+
+
+@pytest.fixture(scope="session")
+def train_storage(tmp_path_factory):
+    """The service's training run folders."""
+    return tmp_path_factory.mktemp("train")
+
+
+@pytest.fixture(scope="session")
+def service(ray_cluster, lora_root, dataset_root, train_storage, tmp_path_factory):
     """The app from cluster/local.yaml, built by the product's own builder, on a test root."""
     import httpx
     import yaml
@@ -147,6 +175,8 @@ def service(ray_cluster, lora_root, tmp_path_factory):
     serve_config = yaml.safe_load((REPO_ROOT / "cluster" / "local.yaml").read_text())
     args = serve_config["applications"][0]["args"]
     args["lora_root"] = str(lora_root)
+    args["dataset_root"] = str(dataset_root)
+    args["train_storage_path"] = str(train_storage)
     args["max_body_bytes"] = MAX_BODY_BYTES
     args["remote_loras"] = {  # LoRAs by URL from the tests' own file server only
         "enabled": True,

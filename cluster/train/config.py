@@ -158,3 +158,13 @@ class RunStatus(BaseModel):
     samples: list[str] = Field(default_factory=list, description="Files under samples/.")
     output_lora: str | None = Field(default=None, description="Set once published.")
     error: str | None = None
+    initial_validation_loss: float | None = Field(
+        default=None, description="Loss on a fixed batch (fixed noise and timesteps) at step 0."
+    )
+    validation_loss: float | None = Field(
+        default=None, description="The same fixed-batch loss at the end of training."
+    )
+    peak_rss_mb: list[float] = Field(
+        default_factory=list, description="Peak resident memory of each worker, MiB."
+    )
+    workers: int | None = None

@@ -1,0 +1,97 @@
+"""The trained adapter as files: diffusers layout with metadata, written atomically into the
+LoRA root through the store, and an optional kohya-layout copy for ComfyUI and A1111 users."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from safetensors.torch import save
+
+from cluster.train.config import TrainJob
+from deployments.family import Family, get_family
+from serve.loras.files import parse_lora_file
+from serve.loras.formats import LORA_ADAPTER_METADATA_KEY
+from serve.loras.store import LoraRef, LoraStore
+
+KOHYA_SUFFIX = ".kohya.safetensors"
+# kohya's prefix for a pipeline's first text encoder (CLIP-L in Flux and SDXL).
+KOHYA_TEXT_ENCODER_PREFIX = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+def adapter_metadata(
+    job: TrainJob, steps: int, dataset_hash: str, components: list[str]
+) -> dict[str, str]:
+    """What a served file says about itself: `GET /loras` shows these, and diffusers'
+    `lora_adapter_metadata` carries rank and alpha the way `save_lora_weights` writes them."""
+    config = job.config
+    peft_configs = {}
+    for component in components:
+        peft_configs[f"{component}.r"] = config.rank
+        peft_configs[f"{component}.lora_alpha"] = config.alpha
+    return {
+        "format": "pt",
+        LORA_ADAPTER_METADATA_KEY: json.dumps(peft_configs, sort_keys=True),
+        "loraplex.base_model": job.base_model,
+        "loraplex.model_uri": job.model_uri,
+        "loraplex.rank": str(config.rank),
+        "loraplex.alpha": str(config.alpha),
+        "loraplex.steps": str(steps),
+        "loraplex.dataset_hash": dataset_hash,
+        "trigger_words": job.trigger_word,
+    }
+
+
+def adapter_file(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The adapter as safetensors bytes: diffusers keys (`transformer.<module>.lora_A.weight`),
+    lora_B unscaled; alpha is in the metadata, as diffusers' own `save_lora_weights` keeps it."""
+    return save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, metadata)
+
+
+def to_kohya(
+    tensors: dict[str, torch.Tensor], family: Family, alpha: float
+) -> dict[str, torch.Tensor]:
+    """diffusers keys -> kohya's (`<prefix><module_with_underscores>.lora_down.weight`,
+    `.lora_up.weight`, `.alpha`). diffusers converts kohya files on load but has no writer for
+    them, so this one is ours; `family.training.kohya_prefix` names the denoiser's prefix."""
+    spec = family.training
+    if spec is None:
+        raise ValueError(f"training is not supported for {family.name}")
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        component, _, rest = key.partition(".")
+        if component == family.denoiser_component:
+            prefix = spec.kohya_prefix
+        else:
+            prefix = KOHYA_TEXT_ENCODER_PREFIX.get(component)
+            if prefix is None:
+                raise ValueError(f"no kohya name for component {component!r}")
+        for ours, theirs in (
+            (".lora_A.weight", ".lora_down.weight"),
+            (".lora_B.weight", ".lora_up.weight"),
+        ):
+            if rest.endswith(ours):
+                module = prefix + rest.removesuffix(ours).replace(".", "_")
+                out[module + theirs] = tensor.contiguous()
+                out[module + ".alpha"] = torch.tensor(float(alpha))
+    return out
+
+
+def kohya_name(output_file: str) -> str:
+    return output_file.removesuffix(".safetensors") + KOHYA_SUFFIX
+
+
+def publish(job: TrainJob, adapter_bytes: bytes) -> list[LoraRef]:
+    """Write the adapter (and its kohya copy when asked) into the LoRA root, each in one step:
+    a server sees the old file or the new one, never part of one."""
+    store = LoraStore(job.lora_root)
+    refs = [store.write(job.output_file, adapter_bytes)]
+    if job.config.export_kohya:
+        tensors, metadata = parse_lora_file(adapter_bytes, job.output_file)
+        kohya = to_kohya(tensors, get_family(job.base_model), job.config.alpha)
+        kohya_metadata = {k: v for k, v in metadata.items() if k != LORA_ADAPTER_METADATA_KEY} | {
+            "ss_network_dim": str(job.config.rank),
+            "ss_network_alpha": str(job.config.alpha),
+        }
+        refs.append(store.write(kohya_name(job.output_file), save(kohya, kohya_metadata)))
+    return refs

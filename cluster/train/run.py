@@ -1,0 +1,92 @@
+"""Validate a training job, run it as a Ray Train TorchTrainer, publish the adapter.
+
+`run(job)` works in any process connected to Ray (it starts a local Ray if none is running):
+the CLI (`python -m cluster.train`), a Ray job submitted by `loraplex train` or `POST /train`,
+or a test."""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from cluster.train import progress
+from cluster.train.checks import check_job
+from cluster.train.config import CHECKPOINTS_FOLDER, JOB_FILE, RunStatus, TrainJob
+from cluster.train.data import DatasetSummary
+from cluster.train.loop import ADAPTER_FILE, loop_config_for, train_loop
+from cluster.train.progress import absolute_location, run_dir_for
+from cluster.train.publish import publish
+
+logger = logging.getLogger(__name__)
+
+
+def make_trainer(job: TrainJob, summary: DatasetSummary) -> TorchTrainer:
+    config = job.config
+    run_dir = run_dir_for(job)
+    scaling = ScalingConfig(
+        num_workers=config.num_workers,
+        use_gpu=config.use_gpu,
+        accelerator_type=config.accelerator_type,
+        resources_per_worker=None if config.use_gpu else {"CPU": 1},
+    )
+    # Ray keeps the run's checkpoints in `<run_dir>/checkpoints/checkpoint_*`, the layout the
+    # API reads (see config.py).
+    run_config = RunConfig(
+        name=CHECKPOINTS_FOLDER,
+        storage_path=run_dir,
+        checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints),
+        failure_config=FailureConfig(max_failures=config.max_failures),
+    )
+    return TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config_for(job, summary.total_steps, run_dir, summary.dataset_hash),
+        scaling_config=scaling,
+        run_config=run_config,
+    )
+
+
+def run(job: TrainJob, summary: DatasetSummary | None = None) -> RunStatus:
+    """Train, publish and return the final status (also written to status.json). Refuses a bad
+    job with InvalidRequest before anything starts; a failed run returns state FAILED."""
+    job = job.model_copy(
+        update={
+            "storage_path": absolute_location(job.storage_path),
+            "lora_root": absolute_location(job.lora_root),
+            "dataset_root": absolute_location(job.dataset_root),
+        }
+    )
+    if job.dataset and "://" not in job.dataset and job.dataset.startswith("."):
+        job = job.model_copy(update={"dataset": os.path.abspath(job.dataset)})
+    summary = summary or check_job(job)
+    run_dir = run_dir_for(job)
+    progress.write_file(posixpath.join(run_dir, JOB_FILE), job.model_dump_json(indent=2).encode())
+    progress.write_status(run_dir, RunStatus(state="RUNNING", total_steps=summary.total_steps))
+    if not ray.is_initialized():
+        ray.init()
+    try:
+        result = make_trainer(job, summary).fit()
+        error = result.error
+    except Exception as e:  # Ray raises once the failures allowed are spent
+        result, error = None, e
+    status = progress.read_status(run_dir) or RunStatus(total_steps=summary.total_steps)
+    status.checkpoints = progress.list_checkpoints(run_dir)
+    if error is not None or result is None or result.checkpoint is None:
+        status.state = "FAILED"
+        status.error = f"{type(error).__name__}: {error}" if error else "no checkpoint"
+        progress.write_status(run_dir, status)
+        return status
+    with result.checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, ADAPTER_FILE), "rb") as file:
+            adapter = file.read()
+    refs = publish(job, adapter)
+    status.state = "SUCCEEDED"
+    status.output_lora = refs[0].name
+    status.eta_s = 0.0
+    progress.write_status(run_dir, status)
+    logger.info("published %s", ", ".join(ref.name for ref in refs))
+    return status
