@@ -28,6 +28,12 @@ BENCH_ARGS ?=
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.bench $(BENCH_ARGS)
 
+# A bounded Locust run against a service started from CONFIG (loadtest/run_locust.py) into
+# loadtest/reports/locust/: Locust's CSV and HTML reports and summary.{json,md}.
+LOADTEST_ARGS ?= --models flux,sdxl,z-image --users 8 --run-time 2m
+loadtest: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.run_locust --config $(CONFIG) $(LOADTEST_ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 

@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -294,12 +293,6 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
 # Over HTTP ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def zipf_choices(count: int, adapters: int, exponent: float, seed: int) -> list[int]:
     """`count` adapter indexes, index k drawn with probability proportional to 1/(k+1)^s."""
     weights = np.arange(1, adapters + 1, dtype=float) ** -exponent
@@ -310,44 +303,24 @@ def zipf_choices(count: int, adapters: int, exponent: float, seed: int) -> list[
 def deploy(app_name: str, model_dir: Path, lora_root: Path, args, replicas: int) -> None:
     """The loraplex app (one Flux model, `replicas` replicas) under `app_name` at /."""
     import torch
-    from ray import serve
 
-    from deployments.base import DiffusionDeployment
-    from serve.config import AppConfig
-    from serve.ingress import Ingress
+    from loadtest import service
 
-    config = AppConfig.model_validate(
-        {
-            "lora_root": str(lora_root),
-            "models": [
-                {
-                    "name": MODEL_NAME,
-                    "family": "flux",
-                    "model_uri": str(model_dir),
-                    "max_adapters_per_replica": args.slots,
-                }
-            ],
-        }
-    )
-    model = config.models[0]
+    model = {
+        "name": MODEL_NAME,
+        "family": "flux",
+        "model_uri": str(model_dir),
+        "max_adapters_per_replica": args.slots,
+    }
     # A replica gets as many torch threads as this process (Ray sets OMP_NUM_THREADS from
     # num_cpus), so in-process and HTTP generations compare like for like.
-    deployment = serve.deployment(DiffusionDeployment).options(
-        name=model.name,
-        num_replicas=replicas,
-        max_ongoing_requests=16,
-        ray_actor_options={"num_cpus": torch.get_num_threads()},
-    )
-    handles = {
-        model.name: deployment.bind(
-            model.model_dump(mode="json"),
-            config.lora_root,
-            config.remote_loras.model_dump(mode="json"),
-        )
+    options = {
+        "num_replicas": replicas,
+        "max_ongoing_requests": 16,
+        "ray_actor_options": {"num_cpus": torch.get_num_threads()},
     }
-    serve.run(
-        Ingress.bind(config.model_dump(mode="json"), handles), name=app_name, route_prefix="/"
-    )
+    app_args = {"lora_root": str(lora_root), "models": [model]}
+    service.deploy(app_args, {MODEL_NAME: options}, app_name)
 
 
 def post(client: httpx.Client, body: dict) -> tuple[float, httpx.Response]:
@@ -369,17 +342,12 @@ def run_workload(client, bodies: list[dict], clients: int) -> tuple[float, list[
     return time.perf_counter() - started, responses
 
 
-def replica_states(client: httpx.Client) -> list[dict]:
-    models = client.get("/models").json()["models"]
-    return next(m["replicas"] for m in models if m["name"] == MODEL_NAME)
-
-
 def over_http(pipe, family, model_dir, lora_root, names, args, figures, details) -> None:
-    import ray
     import torch
     from ray import serve
     from safetensors.torch import load_file
 
+    from loadtest import service
     from serve.media import encode_image
 
     body = {"prompt": PROMPT, "width": args.size, "height": args.size, "steps": args.steps}
@@ -409,20 +377,11 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
         image = generate(pipe, family, args, 7).images[0]
         return encode_image(image, family.media_type)
 
-    env = {name: os.environ[name] for name in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")}
-    env["MKL_CBWR"] = os.environ["MKL_CBWR"]
     log("starting Ray and Serve")
-    ray.init(
-        address="local",  # a cluster of its own, whatever else runs on the machine
-        num_cpus=4 * torch.get_num_threads() + 2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": env},
+    url = service.start(
+        4 * torch.get_num_threads() + 2, {n: os.environ[n] for n in service.ENV_PASSED}
     )
     try:
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=url, timeout=600) as client:
             deploy("bench", model_dir, lora_root, args, replicas=1)
             check(post(client, {**body, "seed": 7})[1])  # warm-up
@@ -440,7 +399,7 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
             loraplex_s, responses = run_workload(client, timed, args.clients)
             failed = sum(r.status_code != 200 for r in responses)
             cache = [r.headers.get("X-LoRA-Cache", "") for r in responses]
-            replicas_one = replica_states(client)
+            replicas_one = service.replica_states(url)[MODEL_NAME]
             serve.delete("bench")
 
             log("two replicas: routing affinity")
@@ -454,10 +413,9 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
             _, affinity_responses = run_workload(client, affinity_bodies, args.clients)
             failed += sum(r.status_code != 200 for r in affinity_responses)
             time.sleep(0.5)  # the replicas report their counts to the registry asynchronously
-            replicas_two = replica_states(client)
+            replicas_two = service.replica_states(url)[MODEL_NAME]
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        service.stop()
 
     loads = [r["adapter_loads"] for r in replicas_two]
     figures["http_over_in_process"] = statistics.median(http_ms) / statistics.median(local_ms)
