@@ -485,4 +485,4 @@ def write_reports(out: Path, figures: dict, details: dict, args) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(1 if main()["details"]["http"]["failed_requests"] else 0)
