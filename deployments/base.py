@@ -58,7 +58,7 @@ class DiffusionDeployment:
         self.pipe = load_pipeline(
             self.model.family, self.model.model_uri, self.model.dtype, self.model.device
         )
-        self.adapters = PipelineAdapters(self.pipe, self.family)
+        self.adapters = PipelineAdapters(self.pipe, self.family, self.model.fuse_single_adapter)
         self.store = LoraStore(lora_root)
         self.remote = RemoteLoraCache(RemoteLoraConfig.model_validate(remote_loras or {}))
         self._lock = asyncio.Lock()

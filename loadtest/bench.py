@@ -78,6 +78,7 @@ TARGETS = {  # figure: (comparison, bound)
 }
 DESCRIPTIONS = {
     "adapter_over_base": "generation with one active adapter / base generation",
+    "unfused_adapter_over_base": "the same, adapter not fused (peft LoRA layers)",
     "switch_over_repeat": "request switching between two hot adapters / repeating one",
     "switch_activation_over_generation": "adapter switch (activation alone) / one generation",
     "cold_load_over_read": "cold load of an adapter / reading the file's bytes",
@@ -107,6 +108,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--affinity-adapters", type=int, default=12)
     parser.add_argument("--affinity-requests", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
+    parser.add_argument(
+        "--no-fuse",
+        dest="fuse",
+        action="store_false",
+        help="measure without fuse_single_adapter (the config option, on by default here)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.swaps, args.requests, args.warmup_requests = 2, 10, 6, 2
@@ -202,7 +209,7 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
     from serve.loras.formats import apply_metadata_alpha
     from serve.loras.store import LoraStore
 
-    adapters = PipelineAdapters(pipe, family)
+    adapters = PipelineAdapters(pipe, family, fuse_single=args.fuse)
     store = LoraStore(str(lora_root))
 
     def read(name: str) -> bytes:
@@ -236,14 +243,21 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
         adapters.activate(active)
         generate(pipe, family, args, 1)
 
-    base, repeat, switch, activation = [], [], [], []
+    def fusing(fuse: bool) -> None:
+        adapters.fuse_single = fuse
+        adapters.activate([])  # the next activation applies `fuse`
+
+    base, unfused, repeat, switch, activation = [], [], [], [], []
     for _ in range(args.repeats):
+        fusing(False)
         base.append(timed_ms(lambda: request([])))
+        request(one_a)
+        unfused.append(timed_ms(lambda: request(one_a)))
+        fusing(args.fuse)
         request(one_a)
         repeat.append(timed_ms(lambda: request(one_a)))
         switch.append(timed_ms(lambda: request(one_b)))
-        adapters.activate(one_a)
-        activation.append(timed_ms(lambda: adapters.activate(one_b)))
+        activation.append(timed_ms(lambda: adapters.activate(one_a)))
 
     # Memory: an LRU of `slots` adapters, warmed, then `swaps` evict-and-load cycles.
     adapters.delete("a")
@@ -268,11 +282,14 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
         name = names[(args.slots + i) % len(names)]
         swap_ms.append(timed_ms(lambda n=name, a=adapter_name: cold_load(n, a)))
         hot.append(adapter_name)
+        if (i + 1) % 100 == 0:
+            log(f"in process: {i + 1} swaps, median {statistics.median(swap_ms):.0f} ms")
     rss_swapped = settle()
     pipe.unload_lora_weights()  # back to the bare model for the HTTP comparisons
 
     median = statistics.median
     figures["adapter_over_base"] = median(repeat) / median(base)
+    figures["unfused_adapter_over_base"] = median(unfused) / median(base)
     figures["switch_over_repeat"] = median(switch) / median(repeat)
     figures["switch_activation_over_generation"] = median(activation) / median(repeat)
     figures["cold_load_over_read"] = median(cold_ms) / median(read_ms)
@@ -281,6 +298,7 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
         "base_no_lora_layers": round(median(pristine), 1),
         "base_adapters_loaded_inactive": round(median(base), 1),
         "one_adapter_repeat": round(median(repeat), 1),
+        "one_adapter_repeat_unfused": round(median(unfused), 1),
         "one_adapter_switch": round(median(switch), 1),
         "switch_activation": round(median(activation), 2),
         "read_file": round(median(read_ms), 2),
@@ -311,6 +329,7 @@ def deploy(app_name: str, model_dir: Path, lora_root: Path, args, replicas: int)
         "family": "flux",
         "model_uri": str(model_dir),
         "max_adapters_per_replica": args.slots,
+        "fuse_single_adapter": args.fuse,
     }
     # A replica gets as many torch threads as this process (Ray sets OMP_NUM_THREADS from
     # num_cpus), so in-process and HTTP generations compare like for like.
