@@ -418,6 +418,7 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
             loraplex_s, responses = run_workload(client, timed, args.clients)
             failed = sum(r.status_code != 200 for r in responses)
             cache = [r.headers.get("X-LoRA-Cache", "") for r in responses]
+            inference_ms = [float(r.headers.get("X-Inference-Ms", "nan")) for r in responses]
             replicas_one = service.replica_states(url)[MODEL_NAME]
             serve.delete("bench")
 
@@ -447,6 +448,8 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
         "loraplex_requests_per_s": round(len(timed) / loraplex_s, 3),
         "naive_requests_per_s": round(len(timed) / naive_s, 3),
         "zipf_cache_hit_rate": round(cache.count("hit") / len(cache), 3),
+        "zipf_inference_ms_median": round(statistics.median(inference_ms), 1),
+        "zipf_inference_share_of_wall": round(sum(inference_ms) / 1000 / loraplex_s, 3),
         "zipf_distinct_adapters": len(set(choices)),
         "one_replica": replicas_one,
         "affinity_distinct_adapters": len(set(affinity)),
