@@ -26,6 +26,7 @@ from diffusers.utils.state_dict_utils import (
     convert_state_dict_to_peft,
     convert_unet_state_dict_to_peft,
 )
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -279,7 +280,18 @@ class PipelineAdapters:
                 continue
             base = module.get_base_layer()
             kept = base.weight.data
-            base.weight.data = kept + module.get_delta_weight(adapter_name).to(kept.dtype)
+            if isinstance(module, LoraLinear) and not module.fan_in_fan_out:
+                # W + s * B @ A in one kernel and one new tensor (get_delta_weight makes three).
+                lora_a, lora_b = (
+                    module.lora_A[adapter_name].weight,
+                    module.lora_B[adapter_name].weight,
+                )
+                scale = module.scaling[adapter_name]
+                base.weight.data = torch.addmm(
+                    kept, lora_b.to(kept.dtype), lora_a.to(kept.dtype), alpha=scale
+                )
+            else:
+                base.weight.data = kept + module.get_delta_weight(adapter_name).to(kept.dtype)
             module.merged_adapters.append(adapter_name)  # peft's forward then skips the LoRA
             self._fused.append((module, kept, adapter_name))
 

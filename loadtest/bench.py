@@ -285,6 +285,7 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
         if (i + 1) % 100 == 0:
             log(f"in process: {i + 1} swaps, median {statistics.median(swap_ms):.0f} ms")
     rss_swapped = settle()
+    adapters.activate([])  # puts fused base weights back
     pipe.unload_lora_weights()  # back to the bare model for the HTTP comparisons
 
     median = statistics.median
