@@ -109,6 +109,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--affinity-requests", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads here and in each replica (0: torch's default); 1 keeps a shared, "
+        "oversubscribed machine from stalling spinning OpenMP threads",
+    )
+    parser.add_argument(
         "--no-fuse",
         dest="fuse",
         action="store_false",
@@ -131,6 +138,8 @@ def main(argv=None) -> dict:
     import torch
 
     diffusers.utils.logging.set_verbosity_error()  # "no LoRA keys for the text encoder", x500
+    if args.threads:
+        torch.set_num_threads(args.threads)  # replicas get as many (deploy: num_cpus)
 
     from deployments.family import get_family
     from loadtest.adapter_timing import build_pipeline
