@@ -3,9 +3,9 @@
     python -m loadtest.bench            # the full run (make bench), a few minutes on a CPU
     python -m loadtest.bench --quick    # the CI smoke: tiny model, a handful of requests
 
-Builds a Flux pipeline of the "bench" size (the real diffusers classes, FLUX.1's width pattern at
-a quarter of its heads and a quarter of its depth, so matrix work dominates each step, as on a
-real model; `--quick` uses the tiny:// model), writes `--adapters` random LoRAs (rank 16 on
+Builds a Flux pipeline of the "bench" size (the real diffusers classes, 4 heads of 64 (256 wide;
+FLUX.1: 3072) and a quarter of FLUX.1's depth, wide enough that matrix work dominates each step,
+as on a real model; `--quick` uses the tiny:// model), writes `--adapters` random LoRAs (rank 16 on
 attention and MLP) into a temporary LoRA root, and measures:
 
 In this process, with the replica's own code (PipelineAdapters, LoraStore):
