@@ -33,6 +33,7 @@ def ray_cluster():
     from ray import serve
 
     ray.init(
+        address="local",  # a cluster of its own, never one another process started here
         num_cpus=8,  # logical CPUs: room for several tiny replicas on a 2-core machine
         include_dashboard=False,
         log_to_driver=False,
