@@ -7,7 +7,7 @@ CONFIG ?= cluster/local.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint clean
+.PHONY: install serve test lint clean bench loadtest
 
 install: $(STAMP)
 
@@ -22,6 +22,17 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# The benchmark's ratios (loadtest/bench.py) into loadtest/reports/bench.{json,md}.
+BENCH_ARGS ?=
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.bench $(BENCH_ARGS)
+
+# A bounded Locust run against a service started from CONFIG (loadtest/run_locust.py) into
+# loadtest/reports/locust/: Locust's CSV and HTML reports and summary.{json,md}.
+LOADTEST_ARGS ?= --models flux,sdxl,z-image --users 8 --run-time 2m
+loadtest: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m loadtest.run_locust --config $(CONFIG) $(LOADTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -58,7 +58,7 @@ class DiffusionDeployment:
         self.pipe = load_pipeline(
             self.model.family, self.model.model_uri, self.model.dtype, self.model.device
         )
-        self.adapters = PipelineAdapters(self.pipe, self.family)
+        self.adapters = PipelineAdapters(self.pipe, self.family, self.model.fuse_single_adapter)
         self.store = LoraStore(lora_root)
         self.remote = RemoteLoraCache(RemoteLoraConfig.model_validate(remote_loras or {}))
         self._lock = asyncio.Lock()
@@ -113,8 +113,11 @@ class DiffusionDeployment:
         content = await asyncio.to_thread(self._encode, image, job)
         gpu_seconds = inference_ms / 1000.0 * self._gpu_share
         cost_usd = gpu_seconds * self.model.price_per_gpu_hour / 3600.0
-        self._m_gpu_s.inc(gpu_seconds)
-        self._m_cost.inc(cost_usd)
+        # Ray's counters refuse an increment of 0 (a free model, price_per_gpu_hour 0).
+        if gpu_seconds > 0:
+            self._m_gpu_s.inc(gpu_seconds)
+        if cost_usd > 0:
+            self._m_cost.inc(cost_usd)
         return GenerationResult(
             content=content,
             media_type=self.family.media_type,

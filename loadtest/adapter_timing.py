@@ -30,7 +30,8 @@ BENCH_TRANSFORMER = {
 }
 
 
-def build_pipeline(size: str):
+def build_pipeline(size: str, depth: tuple[int, int] | None = None):
+    """`depth`: (double, single) block counts in place of FLUX.1's, for a shallower bench."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from diffusers import FluxPipeline, FluxTransformer2DModel
@@ -49,7 +50,10 @@ def build_pipeline(size: str):
         pooled_projection_dim=tiny.pooled_projection_dim,
         guidance_embeds=True,
         axes_dims_rope=(16, 24, 24),
-        **BENCH_TRANSFORMER,
+        **{
+            **BENCH_TRANSFORMER,
+            **({} if depth is None else {"num_layers": depth[0], "num_single_layers": depth[1]}),
+        },
     ).eval()
     return FluxPipeline(**{**pipe.components, "transformer": transformer})
 

@@ -46,6 +46,13 @@ class ModelConfig(BaseModel):
     max_adapters_per_replica: int = Field(
         default=8, ge=1, le=1024, description="Hot LoRA adapters kept per replica (LRU)."
     )
+    fuse_single_adapter: bool = Field(
+        default=False,
+        description="When a request uses one adapter, add it into the denoiser's weights for "
+        "the generation (plain matmuls, no LoRA overhead), keeping the base weights aside: "
+        "faster, at the memory of one copy of the adapted layers. Its images differ from the "
+        "unfused ones in the last bits.",
+    )
     price_per_gpu_hour: float = Field(
         default=0.0, ge=0.0, le=1000.0, description="USD per GPU-hour, for X-Cost-USD."
     )

@@ -1,0 +1,520 @@
+"""Does the hot-adapter design pay? Ratios taken in one run, on one machine.
+
+    python -m loadtest.bench            # the full run (make bench), a few minutes on a CPU
+    python -m loadtest.bench --quick    # the CI smoke: tiny model, a handful of requests
+
+Builds a Flux pipeline of the "bench" size (the real diffusers classes, 4 heads of 64 (256 wide;
+FLUX.1: 3072) and a quarter of FLUX.1's depth, wide enough that matrix work dominates each step,
+as on a real model; `--quick` uses the tiny:// model), writes `--adapters` random LoRAs (rank 16 on
+attention and MLP) into a temporary LoRA root, and measures:
+
+In this process, with the replica's own code (PipelineAdapters, LoraStore):
+  - generation with one active adapter / base generation;
+  - a request that switches between two hot adapters / a request that repeats one;
+  - a cold load of an adapter (read, parse, check, load_lora_weights) / reading the file's bytes;
+  - resident memory after `--swaps` adapter swaps through an LRU of `--slots` / after warm-up.
+Over HTTP, against a Serve app started here (its own local Ray cluster, 127.0.0.1 only):
+  - end-to-end HTTP latency / the same generation (pipeline call and PNG encoding) in process;
+  - throughput of loraplex (1 replica, `--slots` hot adapters, `--clients` concurrent clients)
+    on a Zipf workload over the adapters / the naive path on the same requests: load the file,
+    generate, unload, one request at a time, in this process (no HTTP, which favours it);
+  - with 2 replicas, adapter loads / distinct adapters requested, on a Zipf workload over
+    `--affinity-adapters` adapters (fewer than the 2 replicas' slots, so every load beyond one
+    per adapter is a routing miss, not an eviction).
+
+Writes bench.json and bench.md under `--out` (loadtest/reports by default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # before torch: same bytes in and out of Serve
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+# Flux modules a LoRA trained on "attention and MLP" targets: joint attention of the double
+# blocks, both feed-forwards, and the single blocks' attention and fused MLP projections.
+ATTENTION_MLP_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "proj_out",
+)
+BENCH_DEPTH = (5, 10)  # double, single blocks: a quarter of FLUX.1's 19 and 38
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+MODEL_NAME = "flux"
+TARGETS = {  # figure: (comparison, bound)
+    "adapter_over_base": ("<=", 1.03),
+    "switch_over_repeat": ("<=", 1.02),
+    "cold_load_over_read": ("<=", 2.0),
+    "loraplex_over_naive_throughput": (">=", 2.0),
+    "http_over_in_process": ("<=", 1.05),
+    "loads_per_distinct_adapter": ("<=", 1.2),
+    "rss_after_swaps_over_warmup": ("<=", 1.05),
+}
+DESCRIPTIONS = {
+    "adapter_over_base": "generation with one active adapter / base generation",
+    "unfused_adapter_over_base": "the same, adapter not fused (peft LoRA layers)",
+    "switch_over_repeat": "request switching between two hot adapters / repeating one",
+    "switch_activation_over_generation": "adapter switch (activation alone) / one generation",
+    "cold_load_over_read": "cold load of an adapter / reading the file's bytes",
+    "loraplex_over_naive_throughput": "loraplex over HTTP / naive load-generate-unload "
+    "throughput (Zipf workload)",
+    "http_over_in_process": "end-to-end HTTP latency / the same generation in process",
+    "loads_per_distinct_adapter": "adapter loads / distinct adapters requested (2 replicas)",
+    "rss_after_swaps_over_warmup": "resident memory after the swaps / after warm-up",
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="CI smoke: tiny model, few requests")
+    parser.add_argument("--out", default="loadtest/reports", help="folder for bench.json/.md")
+    parser.add_argument("--adapters", type=int, default=32, help="adapters in the Zipf workload")
+    parser.add_argument("--slots", type=int, default=8, help="hot adapters per replica")
+    parser.add_argument("--zipf", type=float, default=1.1, help="Zipf popularity exponent")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--size", type=int, default=256, help="image width and height, pixels")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="rounds for each median")
+    parser.add_argument("--swaps", type=int, default=500, help="adapter swaps before RSS")
+    parser.add_argument("--requests", type=int, default=32, help="timed Zipf requests")
+    parser.add_argument("--warmup-requests", type=int, default=16, help="untimed, before them")
+    parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
+    parser.add_argument("--affinity-adapters", type=int, default=12)
+    parser.add_argument("--affinity-requests", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0, help="workload seed")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads here and in each replica (0: torch's default); 1 keeps a shared, "
+        "oversubscribed machine from stalling spinning OpenMP threads",
+    )
+    parser.add_argument(
+        "--no-fuse",
+        dest="fuse",
+        action="store_false",
+        help="measure without fuse_single_adapter (the config option, on by default here)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.swaps, args.requests, args.warmup_requests = 2, 10, 6, 2
+        args.affinity_adapters, args.affinity_requests, args.size = 4, 6, 128
+    return args
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    import diffusers
+    import torch
+
+    diffusers.utils.logging.set_verbosity_error()  # "no LoRA keys for the text encoder", x500
+    if args.threads:
+        torch.set_num_threads(args.threads)  # replicas get as many (deploy: num_cpus)
+
+    from deployments.family import get_family
+    from loadtest.adapter_timing import build_pipeline
+    from serve.loras.synthetic import lora_tensors, write_lora
+
+    started = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
+    pipe = build_pipeline("tiny" if args.quick else "bench", None if args.quick else BENCH_DEPTH)
+    pipe.set_progress_bar_config(disable=True)
+    model_dir = work / "model"
+    pipe.save_pretrained(model_dir)  # the replicas load the same weights from here
+    lora_root = work / "loras"
+    names = []
+    for i in range(args.adapters):
+        name = f"bench-{i:02d}.safetensors"
+        tensors = lora_tensors(pipe.transformer, "transformer", i, args.rank, ATTENTION_MLP_TARGETS)
+        write_lora(lora_root / name, tensors)
+        names.append(name)
+
+    log(f"model and {len(names)} adapters written under {work}")
+    family = get_family("flux")
+    figures: dict[str, float] = {}
+    details: dict = {
+        "model": "tiny://flux" if args.quick else f"bench Flux, depth {BENCH_DEPTH}",
+        "transformer_params_m": round(
+            sum(p.numel() for p in pipe.transformer.parameters()) / 1e6, 1
+        ),
+        "lora_file_mb": round((lora_root / names[0]).stat().st_size / 1e6, 2),
+        "torch_threads": torch.get_num_threads(),
+        "args": vars(args),
+    }
+    in_process(pipe, family, lora_root, names, args, figures, details)
+    over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
+    details["total_s"] = round(time.perf_counter() - started, 1)
+    return write_reports(Path(args.out), figures, details, args)
+
+
+# In process -----------------------------------------------------------------------------------
+
+
+def job_kwargs(family, args, seed: int) -> dict:
+    from serve.schemas import GenerationJob
+
+    job = GenerationJob(
+        prompt=PROMPT,
+        negative_prompt="",
+        width=args.size,
+        height=args.size,
+        steps=args.steps,
+        cfg=3.5,
+        seed=seed,
+        adapters=[],
+    )
+    return family.pipeline_kwargs(job)
+
+
+def generate(pipe, family, args, seed: int):
+    """One image as a replica's `_render` makes it."""
+    import torch
+
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.inference_mode():
+        return pipe(**job_kwargs(family, args, seed), generator=generator, output_type="pil")
+
+
+def timed_ms(action) -> float:
+    started = time.perf_counter()
+    action()
+    return (time.perf_counter() - started) * 1000
+
+
+def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
+    from deployments.adapters import ActiveAdapter, PipelineAdapters
+    from deployments.base import _resident_memory_mb
+    from serve.loras.files import parse_lora_file
+    from serve.loras.formats import apply_metadata_alpha
+    from serve.loras.store import LoraStore
+
+    adapters = PipelineAdapters(pipe, family, fuse_single=args.fuse)
+    store = LoraStore(str(lora_root))
+
+    def read(name: str) -> bytes:
+        return store.read_bytes(store.resolve(name))
+
+    def cold_load(name: str, adapter_name: str) -> None:
+        """As a replica loads a file it does not hold: read, parse, check, inject."""
+        tensors, metadata = parse_lora_file(read(name), name)
+        tensors = apply_metadata_alpha(tensors, metadata, name)
+        adapters.check(tensors, name)
+        adapters.load(adapter_name, tensors, name)
+
+    log("in process: base, one adapter, switches, cold loads")
+    generate(pipe, family, args, 0)  # warm-up: first calls allocate and pick kernels
+    pristine = [timed_ms(lambda: generate(pipe, family, args, 1)) for _ in range(args.repeats)]
+
+    # Cold loads of files not yet seen, each against reading the same file's bytes.
+    read_ms, cold_ms = [], []
+    for i in range(args.repeats):
+        name = names[-1 - i]
+        read_ms.append(timed_ms(lambda name=name: read(name)))
+        cold_ms.append(timed_ms(lambda name=name: cold_load(name, "cold")))
+        adapters.delete("cold")
+
+    # Two hot adapters; rounds of base, first, repeat, switch, interleaved against drift.
+    cold_load(names[0], "a")
+    cold_load(names[1], "b")
+    one_a, one_b = [ActiveAdapter("a", 1.0, 1.0)], [ActiveAdapter("b", 1.0, 1.0)]
+
+    def request(active):
+        adapters.activate(active)
+        generate(pipe, family, args, 1)
+
+    def fusing(fuse: bool) -> None:
+        adapters.fuse_single = fuse
+        adapters.activate([])  # the next activation applies `fuse`
+
+    base, unfused, repeat, switch, activation = [], [], [], [], []
+    for _ in range(args.repeats):
+        fusing(False)
+        base.append(timed_ms(lambda: request([])))
+        request(one_a)
+        unfused.append(timed_ms(lambda: request(one_a)))
+        fusing(args.fuse)
+        request(one_a)
+        repeat.append(timed_ms(lambda: request(one_a)))
+        switch.append(timed_ms(lambda: request(one_b)))
+        activation.append(timed_ms(lambda: adapters.activate(one_a)))
+
+    # Memory: an LRU of `slots` adapters, warmed, then `swaps` evict-and-load cycles.
+    adapters.delete("a")
+    adapters.delete("b")
+    hot = [f"slot{i}" for i in range(args.slots)]
+    for i, adapter_name in enumerate(hot):
+        cold_load(names[i], adapter_name)
+
+    def settle() -> float:
+        adapters.activate([ActiveAdapter(hot[-1], 1.0, 1.0)])
+        generate(pipe, family, args, 1)
+        gc.collect()
+        return _resident_memory_mb()
+
+    log(f"in process: {args.swaps} swaps")
+    settle()
+    rss_warm = settle()
+    swap_ms = []
+    for i in range(args.swaps):
+        adapters.delete(hot.pop(0))
+        adapter_name = f"swap{i}"
+        name = names[(args.slots + i) % len(names)]
+        swap_ms.append(timed_ms(lambda n=name, a=adapter_name: cold_load(n, a)))
+        hot.append(adapter_name)
+        if (i + 1) % 100 == 0:
+            log(f"in process: {i + 1} swaps, median {statistics.median(swap_ms):.0f} ms")
+    rss_swapped = settle()
+    adapters.activate([])  # puts fused base weights back
+    pipe.unload_lora_weights()  # back to the bare model for the HTTP comparisons
+
+    median = statistics.median
+    figures["adapter_over_base"] = median(repeat) / median(base)
+    figures["unfused_adapter_over_base"] = median(unfused) / median(base)
+    figures["switch_over_repeat"] = median(switch) / median(repeat)
+    figures["switch_activation_over_generation"] = median(activation) / median(repeat)
+    figures["cold_load_over_read"] = median(cold_ms) / median(read_ms)
+    figures["rss_after_swaps_over_warmup"] = rss_swapped / rss_warm
+    details["in_process_ms"] = {
+        "base_no_lora_layers": round(median(pristine), 1),
+        "base_adapters_loaded_inactive": round(median(base), 1),
+        "one_adapter_repeat": round(median(repeat), 1),
+        "one_adapter_repeat_unfused": round(median(unfused), 1),
+        "one_adapter_switch": round(median(switch), 1),
+        "switch_activation": round(median(activation), 2),
+        "read_file": round(median(read_ms), 2),
+        "cold_load": round(median(cold_ms), 1),
+        "swap_median": round(median(swap_ms), 1) if swap_ms else None,
+    }
+    details["rss_mb"] = {"after_warmup": round(rss_warm, 1), "after_swaps": round(rss_swapped, 1)}
+
+
+# Over HTTP ------------------------------------------------------------------------------------
+
+
+def zipf_choices(count: int, adapters: int, exponent: float, seed: int) -> list[int]:
+    """`count` adapter indexes, index k drawn with probability proportional to 1/(k+1)^s."""
+    weights = np.arange(1, adapters + 1, dtype=float) ** -exponent
+    rng = np.random.default_rng(seed)
+    return rng.choice(adapters, size=count, p=weights / weights.sum()).tolist()
+
+
+def deploy(app_name: str, model_dir: Path, lora_root: Path, args, replicas: int) -> None:
+    """The loraplex app (one Flux model, `replicas` replicas) under `app_name` at /."""
+    import torch
+
+    from loadtest import service
+
+    model = {
+        "name": MODEL_NAME,
+        "family": "flux",
+        "model_uri": str(model_dir),
+        "max_adapters_per_replica": args.slots,
+        "fuse_single_adapter": args.fuse,
+    }
+    # A replica gets as many torch threads as this process (Ray sets OMP_NUM_THREADS from
+    # num_cpus), so in-process and HTTP generations compare like for like.
+    options = {
+        "num_replicas": replicas,
+        "max_ongoing_requests": 16,
+        "ray_actor_options": {"num_cpus": torch.get_num_threads()},
+    }
+    app_args = {"lora_root": str(lora_root), "models": [model]}
+    service.deploy(app_args, {MODEL_NAME: options}, app_name)
+
+
+def post(client: httpx.Client, body: dict) -> tuple[float, httpx.Response]:
+    path = "/flux-lora" if "lora_name" in body else "/flux"
+    started = time.perf_counter()
+    response = client.post(path, json=body)
+    return (time.perf_counter() - started) * 1000, response
+
+
+def check(response: httpx.Response) -> None:
+    if response.status_code != 200:
+        raise RuntimeError(f"{response.request.url}: {response.status_code} {response.text}")
+
+
+def run_workload(client, bodies: list[dict], clients: int) -> tuple[float, list[httpx.Response]]:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        responses = [r for _, r in pool.map(lambda body: post(client, body), bodies)]
+    return time.perf_counter() - started, responses
+
+
+def over_http(pipe, family, model_dir, lora_root, names, args, figures, details) -> None:
+    import torch
+    from ray import serve
+    from safetensors.torch import load_file
+
+    from loadtest import service
+    from serve.media import encode_image
+
+    body = {"prompt": PROMPT, "width": args.size, "height": args.size, "steps": args.steps}
+    body["cfg"] = 3.5
+    choices = zipf_choices(
+        args.warmup_requests + args.requests, args.adapters, args.zipf, args.seed
+    )
+    bodies = [{**body, "seed": 100 + i, "lora_name": names[k]} for i, k in enumerate(choices)]
+    warmup, timed = bodies[: args.warmup_requests], bodies[args.warmup_requests :]
+
+    # The naive path first, in this process, before Ray takes its share of the machine.
+    def naive(request: dict) -> None:
+        pipe.load_lora_weights(
+            load_file(str(lora_root / request["lora_name"])), adapter_name="naive"
+        )
+        image = generate(pipe, family, args, request["seed"]).images[0]
+        encode_image(image, family.media_type)
+        pipe.unload_lora_weights()
+
+    log(f"naive path: {len(timed)} requests")
+    naive_started = time.perf_counter()
+    for request in timed:
+        naive(request)
+    naive_s = time.perf_counter() - naive_started
+
+    def in_process_request() -> bytes:
+        image = generate(pipe, family, args, 7).images[0]
+        return encode_image(image, family.media_type)
+
+    log("starting Ray and Serve")
+    url = service.start(
+        4 * torch.get_num_threads() + 2, {n: os.environ[n] for n in service.ENV_PASSED}
+    )
+    try:
+        with httpx.Client(base_url=url, timeout=600) as client:
+            deploy("bench", model_dir, lora_root, args, replicas=1)
+            check(post(client, {**body, "seed": 7})[1])  # warm-up
+
+            http_ms, local_ms, same_bytes = [], [], True
+            for _ in range(args.repeats):
+                elapsed_ms, response = post(client, {**body, "seed": 7})
+                check(response)
+                http_ms.append(elapsed_ms)
+                local_ms.append(timed_ms(in_process_request))
+                same_bytes &= response.content == in_process_request()
+
+            log(f"loraplex: {len(warmup)} + {len(timed)} Zipf requests")
+            run_workload(client, warmup, args.clients)
+            loraplex_s, responses = run_workload(client, timed, args.clients)
+            failed = sum(r.status_code != 200 for r in responses)
+            cache = [r.headers.get("X-LoRA-Cache", "") for r in responses]
+            inference_ms = [float(r.headers.get("X-Inference-Ms", "nan")) for r in responses]
+            replicas_one = service.replica_states(url)[MODEL_NAME]
+            serve.delete("bench")
+
+            log("two replicas: routing affinity")
+            deploy("bench-affinity", model_dir, lora_root, args, replicas=2)
+            affinity = zipf_choices(
+                args.affinity_requests, args.affinity_adapters, args.zipf, args.seed + 1
+            )
+            affinity_bodies = [
+                {**body, "seed": 200 + i, "lora_name": names[k]} for i, k in enumerate(affinity)
+            ]
+            _, affinity_responses = run_workload(client, affinity_bodies, args.clients)
+            failed += sum(r.status_code != 200 for r in affinity_responses)
+            time.sleep(0.5)  # the replicas report their counts to the registry asynchronously
+            replicas_two = service.replica_states(url)[MODEL_NAME]
+    finally:
+        service.stop()
+
+    loads = [r["adapter_loads"] for r in replicas_two]
+    figures["http_over_in_process"] = statistics.median(http_ms) / statistics.median(local_ms)
+    figures["loraplex_over_naive_throughput"] = (len(timed) / loraplex_s) / (len(timed) / naive_s)
+    figures["loads_per_distinct_adapter"] = sum(loads) / len(set(affinity))
+    details["http"] = {
+        "http_ms": round(statistics.median(http_ms), 1),
+        "in_process_ms": round(statistics.median(local_ms), 1),
+        "same_bytes_http_and_in_process": same_bytes,
+        "loraplex_requests_per_s": round(len(timed) / loraplex_s, 3),
+        "naive_requests_per_s": round(len(timed) / naive_s, 3),
+        "zipf_cache_hit_rate": round(cache.count("hit") / len(cache), 3),
+        "zipf_inference_ms_median": round(statistics.median(inference_ms), 1),
+        "zipf_inference_share_of_wall": round(sum(inference_ms) / 1000 / loraplex_s, 3),
+        "zipf_distinct_adapters": len(set(choices)),
+        "one_replica": replicas_one,
+        "affinity_distinct_adapters": len(set(affinity)),
+        "affinity_loads_per_replica": loads,
+        "failed_requests": failed,
+    }
+
+
+# Reports --------------------------------------------------------------------------------------
+
+
+def meets(figure: str, value: float) -> bool | None:
+    if figure not in TARGETS:
+        return None
+    comparison, bound = TARGETS[figure]
+    return value <= bound if comparison == "<=" else value >= bound
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+
+
+def write_reports(out: Path, figures: dict, details: dict, args) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    report = {
+        "machine": machine(),
+        "figures": {
+            name: {
+                "ratio": round(value, 4),
+                "description": DESCRIPTIONS[name],
+                "target": " ".join(map(str, TARGETS[name])) if name in TARGETS else None,
+                "met": meets(name, value),
+            }
+            for name, value in figures.items()
+        },
+        "details": details,
+    }
+    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"loraplex bench ({'quick' if args.quick else 'full'}): {details['model']}, "
+        f"{details['transformer_params_m']} M transformer parameters, {args.size}x{args.size}, "
+        f"{args.steps} steps, LoRA rank {args.rank} ({details['lora_file_mb']} MB); {machine()}",
+        "",
+        "| ratio | value | target | met |",
+        "|---|---|---|---|",
+    ]
+    for entry in report["figures"].values():
+        met = {True: "yes", False: "**no**", None: ""}[entry["met"]]
+        lines.append(
+            f"| {entry['description']} | {entry['ratio']:.3f} | {entry['target'] or ''} | {met} |"
+        )
+    (out / "bench.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main()["details"]["http"]["failed_requests"] else 0)

@@ -1,0 +1,95 @@
+"""Smoke of the benchmark and the Locust run: each starts its own Ray cluster and Serve on
+127.0.0.1 in a subprocess (so the session cluster is untouched), both at once, tens of seconds.
+Checks that the reports are written and no request failed; the figures themselves are not
+checked here (timings belong to `make bench`, not to tests)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+TIMEOUT_S = 240
+
+
+def _start(args: list[str], log) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so a timeout can end all of it
+    )
+
+
+def _wait(process: subprocess.Popen, log_path) -> None:
+    try:
+        rc = process.wait(timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise AssertionError(f"timed out; log: {log_path.read_text()[-3000:]}") from None
+    assert rc == 0, f"exit code {rc}; log: {log_path.read_text()[-3000:]}"
+
+
+def test_bench_and_locust_write_reports_without_failures(tmp_path):
+    bench_out, locust_out = tmp_path / "bench", tmp_path / "locust"
+    bench_log, locust_log = tmp_path / "bench.log", tmp_path / "locust.log"
+    with bench_log.open("w") as b, locust_log.open("w") as lo:
+        bench = _start(["loadtest.bench", "--quick", "--out", str(bench_out)], b)
+        locust = _start(
+            [
+                "loadtest.run_locust",
+                "--config",
+                str(REPO_ROOT / "cluster/local.yaml"),
+                "--models",
+                "flux",
+                "--adapters",
+                "4",
+                "--users",
+                "2",
+                "--spawn-rate",
+                "2",
+                "--run-time",
+                "10s",
+                "--out",
+                str(locust_out),
+            ],
+            lo,
+        )
+        try:
+            _wait(bench, bench_log)
+            _wait(locust, locust_log)
+        finally:
+            for process in (bench, locust):
+                if process.poll() is None:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+    report = json.loads((bench_out / "bench.json").read_text())
+    assert (bench_out / "bench.md").read_text().count("\n| ") >= 7
+    assert report["details"]["http"]["failed_requests"] == 0
+    assert set(report["figures"]) >= {
+        "adapter_over_base",
+        "switch_over_repeat",
+        "cold_load_over_read",
+        "loraplex_over_naive_throughput",
+        "http_over_in_process",
+        "loads_per_distinct_adapter",
+        "rss_after_swaps_over_warmup",
+    }
+    assert all(entry["ratio"] > 0 for entry in report["figures"].values())
+
+    summary = json.loads((locust_out / "summary.json").read_text())
+    assert summary["requests"] > 0 and summary["failures"] == 0
+    assert summary["deployments"]["flux"]["adapter_loads_per_replica"]
+    for name in ("locust_stats.csv", "locust.html", "summary.md"):
+        assert (locust_out / name).stat().st_size > 0
