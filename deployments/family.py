@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator
 
 from deployments.blocks import BlockGroups
 from serve.schemas import GenerationDefaults, GenerationJob, GenerationRequest
@@ -25,6 +27,17 @@ _FAMILY_MODULES = {
     "sdxl": "deployments.sdxl",
 }
 FAMILY_NAMES = tuple(_FAMILY_MODULES)
+
+
+def check_family_name(name: str) -> str:
+    """`name` if a family has it; the ValueError names the known ones."""
+    if name not in FAMILY_NAMES:
+        raise ValueError(f"unknown family {name!r}; expected one of {list(FAMILY_NAMES)}")
+    return name
+
+
+# A config field holding a family's name; pydantic reports a bad one under the field.
+FamilyName = Annotated[str, AfterValidator(check_family_name)]
 
 
 @dataclass(frozen=True)
@@ -104,7 +117,4 @@ def detect_lora_family(keys) -> str | None:
 
 def get_family(name: str) -> Family:
     """The spec of a family by name; ValueError names the known ones."""
-    module_name = _FAMILY_MODULES.get(name)
-    if module_name is None:
-        raise ValueError(f"unknown family {name!r}; expected one of {list(FAMILY_NAMES)}")
-    return importlib.import_module(module_name).FAMILY
+    return importlib.import_module(_FAMILY_MODULES[check_family_name(name)]).FAMILY

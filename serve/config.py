@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.family import FAMILY_NAMES
+from deployments.family import FAMILY_NAMES, FamilyName
 from serve.schemas import DefaultsOverride, GenerationDefaults
 
 
@@ -24,7 +24,7 @@ class ModelConfig(BaseModel):
         pattern=r"^[a-z][a-z0-9_-]{0,62}$",
         description="Serve deployment name; the `deployments:` section refers to it.",
     )
-    family: str = Field(description=f"Model family, one of {', '.join(FAMILY_NAMES)}.")
+    family: FamilyName = Field(description=f"Model family, one of {', '.join(FAMILY_NAMES)}.")
     model_uri: str = Field(
         default="",
         max_length=2048,
@@ -60,13 +60,6 @@ class ModelConfig(BaseModel):
         default_factory=DefaultsOverride,
         description="Overrides of the family's production defaults (width, height, steps, cfg).",
     )
-
-    @field_validator("family")
-    @classmethod
-    def _known_family(cls, family: str) -> str:
-        if family not in FAMILY_NAMES:
-            raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILY_NAMES)}")
-        return family
 
     @model_validator(mode="after")
     def _fill_family_defaults(self) -> ModelConfig:

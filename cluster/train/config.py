@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from deployments.family import FAMILY_NAMES
+from deployments.family import FAMILY_NAMES, FamilyName
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 STATUS_FILE = "status.json"
@@ -90,7 +90,9 @@ class TrainJob(BaseModel):
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
-    base_model: str = Field(description=f"The family to train: one of {', '.join(FAMILY_NAMES)}.")
+    base_model: FamilyName = Field(
+        description=f"The family to train: one of {', '.join(FAMILY_NAMES)}."
+    )
     model_uri: str = Field(
         default="", max_length=2048, description="Empty: tiny://<family>, as in the Serve config."
     )
@@ -115,13 +117,6 @@ class TrainJob(BaseModel):
         default="./models/train", max_length=2048, description="Runs, checkpoints, status."
     )
     config: TrainConfig = Field(default_factory=TrainConfig)
-
-    @field_validator("base_model")
-    @classmethod
-    def _known_family(cls, family: str) -> str:
-        if family not in FAMILY_NAMES:
-            raise ValueError(f"unknown family {family!r}; expected one of {list(FAMILY_NAMES)}")
-        return family
 
     @model_validator(mode="after")
     def _check(self) -> TrainJob:
