@@ -59,6 +59,10 @@ class TrainingSpec:
     """(pipe, noisy latents BCHW, timesteps (B,), conditionings) -> the prediction, BCHW."""
     kohya_prefix: str = "lora_unet_"
     """kohya names a module `<prefix><module path with _ for .>` (lora_down/lora_up/alpha)."""
+    kohya_module_names: tuple[tuple[str, str], ...] = ()
+    """(diffusers module name, the original model's) pairs, for families whose kohya files use
+    the original names (Wan: `attn1.to_q` is `self_attn.q`); a module path ending in the first
+    is written with the second."""
 
 
 @dataclass(frozen=True)

@@ -18,8 +18,9 @@ from diffusers import (
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from deployments.blocks import numbered_blocks
-from deployments.family import Family
+from deployments.family import Family, TrainingSpec
 from deployments.tiny import QWEN_SPECIALS, QWEN_VOCAB_SIZE, tiny_qwen2_tokenizer
+from deployments.training import frame_vae_encode
 from serve.schemas import GenerationDefaults, GenerationJob
 
 TINY_SEED = 0
@@ -222,6 +223,55 @@ def qwen_size_multiple(pipe) -> int:
     return pipe.vae_scale_factor * 2
 
 
+# --- Training -----------------------------------------------------------------------------------
+
+_TRAIN_MAX_SEQUENCE_LENGTH = 512  # as the pipeline encodes prompts
+
+
+def _encode_prompts(pipe, captions: list[str]) -> list[dict[str, Any]]:
+    # Padding removed per caption: a cached embedding must not depend on the other captions it
+    # was encoded with. `_predict` pads a batch again and masks the padding.
+    embeds, mask = pipe.encode_prompt(
+        prompt=list(captions),
+        device=pipe.transformer.device,
+        max_sequence_length=_TRAIN_MAX_SEQUENCE_LENGTH,
+    )
+    if mask is None:  # the pipeline drops an all-true mask
+        return [{"prompt_embeds": embed} for embed in embeds]
+    return [{"prompt_embeds": embed[keep.bool()]} for embed, keep in zip(embeds, mask, strict=True)]
+
+
+def _predict(pipe, noisy: torch.Tensor, sigmas: torch.Tensor, conds: list[dict]) -> torch.Tensor:
+    """The transformer's velocity for BCHW latents: packed into 2x2 patches and back, with the
+    batch's prompts padded to the longest and masked."""
+    batch, channels, height, width = noisy.shape
+    packed = pipe._pack_latents(noisy, batch, channels, height, width)
+    lengths = [c["prompt_embeds"].shape[0] for c in conds]
+    embeds = torch.nn.utils.rnn.pad_sequence([c["prompt_embeds"] for c in conds], batch_first=True)
+    mask = torch.zeros(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+    for i, length in enumerate(lengths):
+        mask[i, :length] = 1
+    out = pipe.transformer(
+        hidden_states=packed,
+        timestep=sigmas,  # the pipeline passes t / 1000: the sigma itself
+        encoder_hidden_states=embeds,
+        encoder_hidden_states_mask=mask,
+        img_shapes=[[(1, height // 2, width // 2)]] * batch,
+        return_dict=False,
+    )[0]
+    scale = pipe.vae_scale_factor
+    return pipe._unpack_latents(out, height * scale, width * scale, scale).squeeze(2)
+
+
+TRAINING = TrainingSpec(
+    objective="flow_matching",
+    encode_images=frame_vae_encode,
+    encode_prompts=_encode_prompts,
+    predict=_predict,
+    kohya_prefix="lora_unet_",  # `lora_unet_transformer_blocks_0_attn_to_q`, as diffusers reads
+)
+
+
 FAMILY = Family(
     name="qwen_image",
     endpoint="qwen-image-2512",
@@ -236,4 +286,5 @@ FAMILY = Family(
     size_multiple=qwen_size_multiple,
     lora_markers=QWEN_IMAGE_LORA_MARKERS,
     block_groups=numbered_blocks("transformer_blocks"),
+    training=TRAINING,
 )

@@ -27,3 +27,15 @@ def split_batch(tensors: dict[str, Any], count: int) -> list[dict[str, Any]]:
             item[name] = value[i] if batched and value.shape[0] == count else value
         out.append(item)
     return out
+
+
+def frame_vae_encode(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """Normalised latents of images in [-1, 1] through a video VAE (Qwen-Image's, Wan's): each
+    image is a one-frame video, and the latents are normalised per channel by the VAE's
+    `latents_mean` / `latents_std`, as the pipelines undo before decoding. BCHW in, BCHW out."""
+    vae = pipe.vae
+    latents = vae.encode(pixels.to(vae.dtype).unsqueeze(2)).latent_dist.mode()
+    shape = (1, vae.config.z_dim, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents)
+    std = torch.tensor(vae.config.latents_std).view(shape).to(latents)
+    return ((latents - mean) / std).squeeze(2)

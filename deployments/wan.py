@@ -17,8 +17,9 @@ from diffusers import (
 )
 
 from deployments.blocks import numbered_blocks
-from deployments.family import Family
+from deployments.family import Family, TrainingSpec
 from deployments.tiny import tiny_t5_encoder, tiny_t5_tokenizer
+from deployments.training import frame_vae_encode
 from serve.errors import InvalidRequest
 from serve.schemas import GenerationDefaults, GenerationJob, VideoRequest
 
@@ -70,7 +71,9 @@ def _tiny_vae() -> AutoencoderKLWan:
         base_dim=2,
         z_dim=_TINY_LATENT_CHANNELS,
         dim_mult=[1, 2, 4],
-        num_res_blocks=0,
+        # One residual block per level: they widen the encoder's channels between levels, and
+        # with none diffusers' encoder fails (training encodes images).
+        num_res_blocks=1,
         temperal_downsample=[True, True],
         # The pipeline de-normalises latents with these; one entry per latent channel.
         latents_mean=[0.0] * _TINY_LATENT_CHANNELS,
@@ -130,6 +133,58 @@ def _size_multiple(pipe: WanPipeline) -> int:
     return pipe.vae_scale_factor_spatial * pipe.transformer.config.patch_size[1]
 
 
+# --- Training -----------------------------------------------------------------------------------
+
+_TRAIN_MAX_SEQUENCE_LENGTH = 512  # UMT5 tokens, as the pipeline encodes prompts
+
+
+def _encode_prompts(pipe, captions: list[str]) -> list[dict[str, Any]]:
+    # Wan zero-pads every prompt to the full length itself, so embeddings stack as they are.
+    embeds, _ = pipe.encode_prompt(
+        prompt=list(captions),
+        do_classifier_free_guidance=False,
+        max_sequence_length=_TRAIN_MAX_SEQUENCE_LENGTH,
+        device=pipe.transformer.device,
+    )
+    return [{"prompt_embeds": embed} for embed in embeds]
+
+
+def _predict(pipe, noisy: torch.Tensor, sigmas: torch.Tensor, conds: list[dict]) -> torch.Tensor:
+    """The velocity for BCHW latents, each image a one-frame video. Wan's transformer takes the
+    scheduler's timestep (sigma x 1000) and predicts noise - x0 (UniPC's flow_prediction)."""
+    out = pipe.transformer(
+        hidden_states=noisy.unsqueeze(2),
+        timestep=sigmas * 1000,
+        encoder_hidden_states=torch.stack([c["prompt_embeds"] for c in conds]),
+        return_dict=False,
+    )[0]
+    return out.squeeze(2)
+
+
+# Images as one-frame videos: how musubi-tuner and AI Toolkit train Wan character LoRAs.
+TRAINING = TrainingSpec(
+    objective="flow_matching",
+    encode_images=frame_vae_encode,
+    encode_prompts=_encode_prompts,
+    predict=_predict,
+    # musubi-tuner's kohya layout, Wan's original module names (`lora_unet_blocks_0_self_attn_q`),
+    # which ComfyUI and diffusers read.
+    kohya_prefix="lora_unet_",
+    kohya_module_names=(
+        ("attn1.to_q", "self_attn.q"),
+        ("attn1.to_k", "self_attn.k"),
+        ("attn1.to_v", "self_attn.v"),
+        ("attn1.to_out.0", "self_attn.o"),
+        ("attn2.to_q", "cross_attn.q"),
+        ("attn2.to_k", "cross_attn.k"),
+        ("attn2.to_v", "cross_attn.v"),
+        ("attn2.to_out.0", "cross_attn.o"),
+        ("ffn.net.0.proj", "ffn.0"),
+        ("ffn.net.2", "ffn.2"),
+    ),
+)
+
+
 FAMILY = Family(
     name="wan",
     endpoint="wan2.6",
@@ -154,4 +209,8 @@ FAMILY = Family(
         "cross_attn",
     ),
     block_groups=numbered_blocks("blocks"),
+    # Attention and feed-forward of every block, as musubi-tuner trains Wan; diffusers reads a
+    # Wan kohya file only with all of them.
+    lora_targets=("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"),
+    training=TRAINING,
 )

@@ -72,9 +72,9 @@ def test_unreadable_image_is_refused_naming_it(tmp_path):
 
 
 def test_untrainable_family_and_options_are_refused(tmp_path):
-    wan = TrainJob.model_validate(_job(tmp_path, base_model="wan"))
-    with pytest.raises(InvalidRequest, match="^base_model: training is not supported for wan"):
-        check_job(wan)
+    edit = TrainJob.model_validate(_job(tmp_path, base_model="qwen_image_edit"))
+    with pytest.raises(InvalidRequest, match="^base_model: training is not supported for qwen_ima"):
+        check_job(edit)
     z_image = TrainJob.model_validate(_job(tmp_path, base_model="z_image", train_text_encoder=True))
     with pytest.raises(InvalidRequest, match="^config.train_text_encoder:"):
         check_job(z_image)

@@ -21,7 +21,10 @@ def check_job(job: TrainJob) -> DatasetSummary:
     package, an empty dataset or an unreadable image. Returns the dataset's summary."""
     family = get_family(job.base_model)
     if family.training is None:
-        raise InvalidRequest(f"base_model: training is not supported for {family.name} yet")
+        raise InvalidRequest(
+            f"base_model: training is not supported for {family.name} yet (an edit model "
+            "trains on pairs of source and target images, which the dataset format lacks)"
+        )
     config = job.config
     if config.train_text_encoder and not family.text_encoder_components:
         raise InvalidRequest(

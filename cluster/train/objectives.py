@@ -47,6 +47,9 @@ def noise_batch(
     steps = int(scheduler.config.num_train_timesteps)
     timesteps = torch.randint(0, steps, (batch,), generator=generator).to(latents.device)
     noisy = scheduler.add_noise(latents, noise, timesteps)
+    # A model's scheduler says what it predicts (SDXL base: epsilon; v-prediction fine-tunes of
+    # SDXL ship `prediction_type: v_prediction`); the family's objective is the default.
+    objective = scheduler.config.get("prediction_type") or objective
     if objective == "epsilon":
         return NoisedBatch(noisy, timesteps, noise)
     if objective == "v_prediction":
@@ -65,5 +68,6 @@ def _shifted_sigmas(config, u: torch.Tensor, latents: torch.Tensor) -> torch.Ten
         slope = (max_shift - base_shift) / ((max_len or 4096) - base_len)
         mu = base_shift + slope * (tokens - base_len)
         return math.exp(mu) / (math.exp(mu) + (1 / u.clamp(1e-6, 1) - 1))
-    shift = float(config.get("shift", 1.0))
+    # FlowMatchEuler calls it `shift`; UniPC in flow mode (Wan) calls it `flow_shift`.
+    shift = float(config.get("shift", config.get("flow_shift") or 1.0))
     return shift * u / (1 + (shift - 1) * u)

@@ -71,10 +71,17 @@ def to_kohya(
             (".lora_B.weight", ".lora_up.weight"),
         ):
             if rest.endswith(ours):
-                module = prefix + rest.removesuffix(ours).replace(".", "_")
+                module = prefix + _original_name(rest.removesuffix(ours), spec).replace(".", "_")
                 out[module + theirs] = tensor.contiguous()
                 out[module + ".alpha"] = torch.tensor(float(alpha))
     return out
+
+
+def _original_name(module: str, spec) -> str:
+    for diffusers_name, original_name in spec.kohya_module_names:
+        if module.endswith("." + diffusers_name):
+            return module.removesuffix(diffusers_name) + original_name
+    return module
 
 
 def kohya_name(output_file: str) -> str:
