@@ -191,6 +191,7 @@ class DiffusionDeployment:
             # Each request is billed its share of the call: the shares add up to its time.
             for index, image in zip(indexes, media, strict=True):
                 outcomes[index] = (image, elapsed_ms / len(group))
+        self._report()  # the batch counters, for /models
         return outcomes
 
     async def _render_group(self, jobs: list[GenerationJob]):

@@ -66,7 +66,7 @@ class ModelConfig(BaseModel):
     batch_wait_timeout_ms: float = Field(
         default=10.0,
         ge=0.0,
-        le=1000.0,
+        le=5000.0,
         description="With max_batch_size above 1: how long the first request of a batch waits "
         "for others to join it.",
     )

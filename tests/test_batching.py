@@ -1,0 +1,187 @@
+"""Batching (max_batch_size > 1): requests alike but for prompt and seed share one pipeline call.
+
+A second app, "batching" at /batching, serves the tiny Flux model with batches of up to 4; the
+session's main app (max_batch_size 1) gives the unbatched reference images. The batch wait is
+long, and every test sends exactly enough alike requests to fill a batch, so a batch is formed
+by size, never by the clock, however loaded the machine is.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.test_flux_serving import error_of, pixels
+
+PREFIX = "/batching"
+BATCH = 4
+SMALL = {"width": 64, "height": 64, "steps": 2}
+# One 1/255 step is what batching changes in practice (matmul blocking depends on the batch
+# size); the contract allows two.
+MAX_STEPS_FROM_UNBATCHED = 2
+
+
+@pytest.fixture(scope="module")
+def batching(ray_cluster, lora_root):
+    """The batching app, beside the main one; removed at the end of the module."""
+    from ray import serve
+
+    from loadtest import service
+
+    model = {
+        "name": "flux",
+        "family": "flux",
+        "model_uri": "tiny://flux",
+        "max_adapters_per_replica": 2,  # small, so a batch's adapters can be evicted while it forms
+        "max_batch_size": BATCH,
+        "batch_wait_timeout_ms": 5000,
+        "price_per_gpu_hour": 2.49,
+    }
+    options = {"flux": {"max_ongoing_requests": 8, "ray_actor_options": {"num_cpus": 0.25}}}
+    service.deploy({"lora_root": str(lora_root), "models": [model]}, options, "batching", PREFIX)
+    with httpx.Client(base_url=ray_cluster + PREFIX, timeout=300) as client:
+        yield client
+    serve.delete("batching")
+
+
+def body(seed: int, prompt: str = "a red fox in the snow", **extra) -> dict:
+    return {"prompt": prompt, "seed": seed, **SMALL, **extra}
+
+
+def post(client, request: dict) -> httpx.Response:
+    return client.post("/flux-lora" if _has_lora(request) else "/flux", json=request)
+
+
+def _has_lora(request: dict) -> bool:
+    return any(k in request for k in ("lora_id", "lora_name", "loras"))
+
+
+def concurrently(client, requests: list[dict]) -> list[httpx.Response]:
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(lambda request: post(client, request), requests))
+
+
+def counters(client) -> tuple[int, int]:
+    [model] = client.get("/models").json()["models"]
+    [replica] = model["replicas"]
+    return replica["batches_run"], replica["requests_batched"]
+
+
+def counters_become(client, expected: tuple[int, int]) -> tuple[int, int]:
+    """The counters once the replica's report (sent after each batch) has arrived."""
+    deadline = time.monotonic() + 10
+    while (now := counters(client)) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return now
+
+
+def assert_close_to_unbatched(batched: httpx.Response, unbatched: httpx.Response) -> None:
+    difference = np.abs(pixels(batched) - pixels(unbatched)).max()
+    assert difference <= MAX_STEPS_FROM_UNBATCHED, difference
+
+
+def test_alike_requests_share_one_call_each_at_its_own_seed(batching, service):
+    requests = [body(seed, lora_id="a") for seed in (1, 2, 3, 4)]
+    before = counters(batching)
+    responses = concurrently(batching, requests)
+    expected = (before[0] + 1, before[1] + BATCH)
+    assert counters_become(batching, expected) == expected
+    for request, response in zip(requests, responses, strict=True):
+        assert response.headers["X-Seed"] == str(request["seed"])
+        assert_close_to_unbatched(response, post(service, request))
+    # The seeds differ, so do the images: each has its own generator.
+    images = [pixels(response) for response in responses]
+    for i in range(BATCH):
+        for j in range(i + 1, BATCH):
+            assert np.abs(images[i] - images[j]).mean() > 1.0
+    # Each request is billed its share of the call: the same share for each.
+    shares = {response.headers["X-Inference-Ms"] for response in responses}
+    assert len(shares) == 1 and float(shares.pop()) > 0
+    costs = [float(response.headers["X-Cost-USD"]) for response in responses]
+    assert len(set(costs)) == 1 and costs[0] > 0
+
+
+def test_a_batch_of_one_gives_the_unbatched_bytes(batching, service):
+    # Alone past the wait: the one-request call is the unbatched call, bit for bit.
+    alone = post(batching, body(9, lora_id="b"))
+    assert alone.content == post(service, body(9, lora_id="b")).content
+
+
+def test_prompts_differ_within_a_batch(batching, service):
+    prompts = ["a red fox", "a blue whale", "a green frog", "a yellow bird"]
+    requests = [body(5, prompt) for prompt in prompts]
+    before = counters(batching)
+    responses = concurrently(batching, requests)
+    expected = (before[0] + 1, before[1] + BATCH)
+    assert counters_become(batching, expected) == expected
+    for request, response in zip(requests, responses, strict=True):
+        assert_close_to_unbatched(response, post(service, request))
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ({"lora_id": "a"}, {"loras": [{"id": "a"}, {"id": "b"}]}),  # same first adapter
+        ({"lora_id": "a"}, {"lora_id": "a", "lora_strength": 0.5}),
+        ({"lora_id": "a"}, {"lora_id": "a", "width": 128}),
+        ({"lora_id": "a"}, {"lora_id": "a", "steps": 3}),
+        ({"lora_id": "a"}, {"lora_id": "a", "negative_prompt": "blurry"}),
+        ({"lora_id": "a"}, {"lora_id": "b"}),  # Serve's own split, by multiplexed model id
+    ],
+)
+def test_different_stacks_or_shapes_render_in_separate_calls(batching, service, first, second):
+    requests = [body(1, **first), body(2, **first), body(3, **second), body(4, **second)]
+    before = counters(batching)
+    responses = concurrently(batching, requests)
+    expected = (before[0] + 2, before[1] + BATCH)
+    assert counters_become(batching, expected) == expected
+    for request, response in zip(requests, responses, strict=True):
+        assert_close_to_unbatched(response, post(service, request))
+
+
+def test_a_bad_request_fails_alone_and_changes_nothing(batching, service):
+    good = [body(seed, lora_id="a") for seed in (11, 12, 13, 14)]
+    unloadable = body(15, loras=[{"id": "a"}, {"id": "nomatch"}])  # joins the others' batch
+    invalid = body(16, lora_id="a", width=65)  # not a multiple of the model's size step
+    first = concurrently(batching, good)
+    before = counters(batching)
+    responses = concurrently(batching, [*good[:2], unloadable, invalid, *good[2:]])
+    message = error_of(responses[2], 422, "lora_incompatible")
+    assert message.startswith("Failed to load LoRA: ") and "character-nomatch" in message
+    assert "width" in error_of(responses[3], 422, "invalid_request")
+    expected = (before[0] + 1, before[1] + BATCH)
+    assert counters_become(batching, expected) == expected
+    # The four good requests were served as before the bad ones came: the same bytes.
+    served = [responses[0], responses[1], responses[4], responses[5]]
+    assert [r.content for r in served] == [r.content for r in first]
+    for request, response in zip(good, served, strict=True):
+        assert_close_to_unbatched(response, post(service, request))
+
+
+def test_adapters_evicted_while_a_batch_forms_are_back_for_its_call(batching, service):
+    # Three stacks over two hot slots: one request's load evicts another's adapter before
+    # their batch runs; each call must still render with its own adapters.
+    requests = [
+        body(1, lora_id="c"),
+        body(2, lora_id="c"),
+        body(3, lora_id="d"),
+        body(4, lora_id="e"),
+    ]
+    responses = concurrently(batching, requests)
+    for request, response in zip(requests, responses, strict=True):
+        assert_close_to_unbatched(response, post(service, request))
+    # The lone requests were rendered alone: their unbatched bytes exactly.
+    assert responses[2].content == post(service, requests[2]).content
+    assert responses[3].content == post(service, requests[3]).content
+
+
+def test_models_shows_the_batch_setting(batching, service):
+    [model] = batching.get("/models").json()["models"]
+    assert model["replicas"][0]["max_batch_size"] == BATCH
+    flux = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
+    assert flux[0]["replicas"][0]["max_batch_size"] == 1
+    assert flux[0]["replicas"][0]["batches_run"] == 0
