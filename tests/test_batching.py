@@ -185,3 +185,82 @@ def test_models_shows_the_batch_setting(batching, service):
     flux = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
     assert flux[0]["replicas"][0]["max_batch_size"] == 1
     assert flux[0]["replicas"][0]["batches_run"] == 0
+
+
+# In process: the grouping key, and every family's pipeline on a batch
+
+
+def job(**fields):
+    from serve.schemas import AdapterUse, GenerationJob
+
+    use = AdapterUse(key="a@1", name="a", strength=1.0, clip_strength=1.0)
+    values = {
+        "prompt": "a fox",
+        "negative_prompt": "",
+        "width": 64,
+        "height": 64,
+        "steps": 2,
+        "cfg": 3.5,
+        "seed": 1,
+        "adapters": [use],
+    }
+    return GenerationJob(**{**values, **fields})
+
+
+def test_the_batch_key_ignores_prompt_and_seed_only():
+    from deployments.batching import batch_key
+    from serve.schemas import AdapterUse
+
+    key = batch_key(job())
+    assert batch_key(job(prompt="a whale", seed=99)) == key
+    other_use = AdapterUse(key="a@1", name="a", strength=1.0, clip_strength=0.5)
+    weighted = AdapterUse(
+        key="a@1", name="a", strength=1.0, clip_strength=1.0, block_weights={"x": 0.5}
+    )
+    for different in (
+        job(adapters=[]),
+        job(adapters=[other_use]),
+        job(adapters=[weighted]),
+        job(width=128),
+        job(height=128),
+        job(steps=3),
+        job(cfg=4.0),
+        job(length=5),
+        job(negative_prompt="blurry"),
+    ):
+        assert batch_key(different) != key
+    assert batch_key(job(image=b"png bytes")) is None  # edits are rendered alone
+
+
+@pytest.mark.parametrize("family_name", ["flux", "qwen_image", "z_image", "sdxl", "wan"])
+def test_every_family_renders_a_batch_within_a_step_of_its_unbatched_images(
+    tiny_pipelines, family_name
+):
+    import torch
+
+    from deployments.batching import batched_pipeline_kwargs
+    from deployments.family import get_family
+
+    family = get_family(family_name)
+    pipe = tiny_pipelines(family_name)
+    pipe.set_progress_bar_config(disable=True)
+    size = max(64, family.size_multiple(pipe) * 4)
+    length = 5 if family.output == "video" else None
+    jobs = [
+        job(prompt=prompt, seed=seed, width=size, height=size, adapters=[], length=length)
+        for prompt, seed in (("a fox", 1), ("a cat on a mat", 2), ("a boat", 3))
+    ]
+
+    def render(batch):
+        generators = [torch.Generator("cpu").manual_seed(j.seed) for j in batch]
+        kwargs = batched_pipeline_kwargs([family.pipeline_kwargs(j) for j in batch])
+        with torch.inference_mode():
+            output = pipe(**kwargs, generator=generators, output_type="np")
+        return output.frames if family.output == "video" else output.images
+
+    alone = [render([j])[0] for j in jobs]
+    together = render(jobs)
+    for single, batched in zip(alone, together, strict=True):
+        steps = np.abs(np.round(single * 255) - np.round(np.asarray(batched) * 255)).max()
+        assert steps <= MAX_STEPS_FROM_UNBATCHED
+    assert np.abs(alone[0] - alone[1]).mean() > 0.01  # distinct seeds and prompts
