@@ -108,13 +108,14 @@ class DiffusionDeployment:
             for use in job.adapters
             if use.key not in self._hot
         }
-        # Shielded: when Serve cancels a request (its client went away), the pipeline work
-        # already under way must finish before the lock is released, or the next request would
-        # change adapters under a generation still running in its thread. The interrupt makes
-        # the pipeline skip its remaining steps, so the abandoned work ends soon.
         if self.model.max_batch_size > 1:
             image, inference_ms, cache = await self._generate_batched(job, staged)
         else:
+            # Shielded: when Serve cancels a request (its client went away), the pipeline work
+            # already under way must finish before the lock is released, or the next request
+            # would change adapters under a generation still running in its thread. The
+            # interrupt makes the pipeline skip its remaining steps, so the abandoned work ends
+            # soon.
             interrupted = threading.Event()
             work = asyncio.ensure_future(self._generate_locked(job, staged, interrupted))
             try:
