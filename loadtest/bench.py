@@ -23,7 +23,7 @@ Over HTTP, against a Serve app started here (its own local Ray cluster, 127.0.0.
     per adapter is a routing miss, not an eviction);
   - throughput with batching (`max_batch_size` `--batch-size`) / without (1), `--clients`
     concurrent clients sending requests alike but for their seed (one adapter, one size): two
-    deployments of the same model side by side in one app, measured in interleaved rounds.
+    deployments of the same model side by side in the app, measured in interleaved rounds.
     `--only-batching` measures this figure alone.
 
 Writes bench.json and bench.md under `--out` (loadtest/reports by default).
@@ -71,6 +71,7 @@ ATTENTION_MLP_TARGETS = (
 BENCH_DEPTH = (5, 10)  # double, single blocks: a quarter of FLUX.1's 19 and 38
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 MODEL_NAME = "flux"
+BATCHED_NAME = "flux-batched"  # the same model beside it, with max_batch_size --batch-size
 TARGETS = {  # figure: (comparison, bound)
     "adapter_over_base": ("<=", 1.03),
     "switch_over_repeat": ("<=", 1.02),
@@ -446,7 +447,7 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
     )
     try:
         with httpx.Client(base_url=url, timeout=600) as client:
-            deploy("bench", model_dir, lora_root, args, replicas=1)
+            deploy("bench", model_dir, lora_root, args, 1, bench_models(args))
             check(post(client, {**body, "seed": 7})[1])  # warm-up
 
             http_ms, local_ms, same_bytes = [], [], True
@@ -464,6 +465,8 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
             cache = [r.headers.get("X-LoRA-Cache", "") for r in responses]
             inference_ms = [float(r.headers.get("X-Inference-Ms", "nan")) for r in responses]
             replicas_one = service.replica_states(url)[MODEL_NAME]
+            batching = measure_batching(url, names, args, figures)
+            failed += batching["failed_requests"]
             serve.delete("bench")
 
             log("two replicas: routing affinity")
@@ -478,10 +481,6 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
             failed += sum(r.status_code != 200 for r in affinity_responses)
             time.sleep(0.5)  # the replicas report their counts to the registry asynchronously
             replicas_two = service.replica_states(url)[MODEL_NAME]
-            serve.delete("bench-affinity")
-
-            batching = measure_batching(url, model_dir, lora_root, names, args, figures)
-            failed += batching["failed_requests"]
     finally:
         service.stop()
 
@@ -507,6 +506,12 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
     }
 
 
+def bench_models(args) -> dict[str, int]:
+    """The bench app's deployments: the model, and the same model batching (idle until
+    `measure_batching`; deployed with the first so that no run waits for a second deploy)."""
+    return {MODEL_NAME: 1, BATCHED_NAME: args.batch_size}
+
+
 def batching_only(model_dir, lora_root, names, args, figures, details) -> None:
     import torch
 
@@ -517,64 +522,58 @@ def batching_only(model_dir, lora_root, names, args, figures, details) -> None:
         4 * torch.get_num_threads() + 2, {n: os.environ[n] for n in service.ENV_PASSED}
     )
     try:
-        batching = measure_batching(url, model_dir, lora_root, names, args, figures)
+        deploy("bench", model_dir, lora_root, args, 1, bench_models(args))
+        batching = measure_batching(url, names, args, figures)
     finally:
         service.stop()
     details["http"] = {"batching": batching, "failed_requests": batching["failed_requests"]}
 
 
-def measure_batching(url: str, model_dir, lora_root, names, args, figures) -> dict:
-    """Throughput of two deployments of the same model in one app, one batching up to
+def measure_batching(url: str, names, args, figures) -> dict:
+    """Throughput of the bench app's two deployments of the same model, one batching up to
     `--batch-size` requests and one not, on the same requests: `--clients` clients, one
     adapter, one size, seeds apart. Rounds alternate between the two, so drift in the
     machine's load hits both."""
-    from ray import serve
-
     from loadtest import service
 
     body = {"prompt": PROMPT, "width": args.size, "height": args.size, "steps": args.steps}
     body.update(cfg=3.5, lora_name=names[0])
     bodies = [{**body, "seed": 300 + i} for i in range(args.batch_requests)]
-    sizes = {"unbatched": 1, "batched": args.batch_size}
     log(
         f"batching: {args.batch_rounds} rounds of {len(bodies)} requests, max_batch_size 1 "
         f"and {args.batch_size}"
     )
-    deploy("bench-batching", model_dir, lora_root, args, 1, sizes)
-    seconds = dict.fromkeys(sizes, 0.0)
+    seconds = {MODEL_NAME: 0.0, BATCHED_NAME: 0.0}
     failed = 0
-    try:
-        with httpx.Client(base_url=url, timeout=600) as client:
+    with httpx.Client(base_url=url, timeout=600) as client:
 
-            def run(name: str, requests: list[dict]) -> float:
-                nonlocal failed
-                started = time.perf_counter()
-                with ThreadPoolExecutor(args.clients) as pool:
-                    responses = list(
-                        pool.map(lambda b: client.post(f"/{name}-lora", json=b), requests)
-                    )
-                failed += sum(r.status_code != 200 for r in responses)
-                return time.perf_counter() - started
+        def run(name: str, requests: list[dict]) -> float:
+            nonlocal failed
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                responses = list(pool.map(lambda b: client.post(f"/{name}-lora", json=b), requests))
+            failed += sum(r.status_code != 200 for r in responses)
+            return time.perf_counter() - started
 
-            for name in sizes:  # warm-up: the adapter loaded, a first batch
-                run(name, bodies[: args.clients])
-            for _ in range(args.batch_rounds):
-                for name in sizes:
-                    seconds[name] += run(name, bodies)
-        time.sleep(0.5)  # the replicas report their counters asynchronously
-        states = service.replica_states(url)
-    finally:
-        serve.delete("bench-batching")
+        for name in seconds:  # warm-up: the adapter loaded, a first batch
+            run(name, bodies[: args.clients])
+        for _ in range(args.batch_rounds):
+            for name in seconds:
+                seconds[name] += run(name, bodies)
+    time.sleep(0.5)  # the replicas report their counters asynchronously
+    states = service.replica_states(url)
     requests = len(bodies) * args.batch_rounds
-    rates = {name: requests / seconds[name] for name in sizes}
-    figures["batched_over_unbatched_throughput"] = rates["batched"] / rates["unbatched"]
+    rates = {name: requests / elapsed_s for name, elapsed_s in seconds.items()}
+    figures["batched_over_unbatched_throughput"] = rates[BATCHED_NAME] / rates[MODEL_NAME]
     return {
         "max_batch_size": args.batch_size,
         "batch_wait_timeout_ms": args.batch_wait_ms,
-        "requests_per_s": {name: round(rate, 3) for name, rate in rates.items()},
-        "replica_counters": {
-            name: {key: states[name][0].get(key) for key in ("batches_run", "requests_batched")}
-            for name in sizes
+        "requests_per_s": {
+            "unbatched": round(rates[MODEL_NAME], 3),
+            "batched": round(rates[BATCHED_NAME], 3),
+        },
+        "batched_replica": {
+            key: states[BATCHED_NAME][0].get(key) for key in ("batches_run", "requests_batched")
         },
         "failed_requests": failed,
     }
