@@ -264,3 +264,17 @@ def test_every_family_renders_a_batch_within_a_step_of_its_unbatched_images(
         steps = np.abs(np.round(single * 255) - np.round(np.asarray(batched) * 255)).max()
         assert steps <= MAX_STEPS_FROM_UNBATCHED
     assert np.abs(alone[0] - alone[1]).mean() > 0.01  # distinct seeds and prompts
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("max_batch_size", 0), ("max_batch_size", 17), ("batch_wait_timeout_ms", -1)],
+)
+def test_batch_settings_are_bounded(field, value):
+    from pydantic import ValidationError
+
+    from serve.config import ModelConfig
+
+    assert ModelConfig(name="flux", family="flux").max_batch_size == 1  # off by default
+    with pytest.raises(ValidationError, match=field):
+        ModelConfig(name="flux", family="flux", **{field: value})
