@@ -20,6 +20,7 @@ from ray import serve
 from ray.serve import metrics
 
 from deployments.adapters import ActiveAdapter, PipelineAdapters, adapter_name_for
+from deployments.batching import batch_key, batched_pipeline_kwargs
 from deployments.family import get_family
 from deployments.loading import load_pipeline
 from serve.config import ModelConfig, RemoteLoraConfig
@@ -65,6 +66,7 @@ class DiffusionDeployment:
         self._hot: dict[str, str] = {}  # store key -> peft adapter name, in load order
         self._staged: dict[str, dict[str, torch.Tensor]] = {}
         self._loads = self._hits = self._evictions = 0
+        self._batches_run = self._requests_batched = 0
 
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
@@ -77,6 +79,13 @@ class DiffusionDeployment:
         self._get_adapter = serve.multiplexed(
             max_num_models_per_replica=self.model.max_adapters_per_replica
         )(load_adapter)
+        if self.model.max_batch_size > 1:
+            # Wrapped here, per replica, with this model's limits. Serve splits a batch by
+            # multiplexed model id (a stack's first adapter); `_render_batch` groups further.
+            self._render_batched = serve.batch(
+                max_batch_size=self.model.max_batch_size,
+                batch_wait_timeout_s=self.model.batch_wait_timeout_ms / 1000.0,
+            )(self._render_batch)
 
         self._m_hits = metrics.Counter("loraplex_adapter_cache_hits", "Adapter cache hits.")
         self._m_misses = metrics.Counter("loraplex_adapter_cache_misses", "Adapter cache misses.")
@@ -99,17 +108,21 @@ class DiffusionDeployment:
             for use in job.adapters
             if use.key not in self._hot
         }
-        # Shielded: when Serve cancels a request (its client went away), the pipeline work
-        # already under way must finish before the lock is released, or the next request would
-        # change adapters under a generation still running in its thread. The interrupt makes
-        # the pipeline skip its remaining steps, so the abandoned work ends soon.
-        interrupted = threading.Event()
-        work = asyncio.ensure_future(self._generate_locked(job, staged, interrupted))
-        try:
-            image, inference_ms, cache = await asyncio.shield(work)
-        except asyncio.CancelledError:
-            interrupted.set()
-            raise
+        if self.model.max_batch_size > 1:
+            image, inference_ms, cache = await self._generate_batched(job, staged)
+        else:
+            # Shielded: when Serve cancels a request (its client went away), the pipeline work
+            # already under way must finish before the lock is released, or the next request
+            # would change adapters under a generation still running in its thread. The
+            # interrupt makes the pipeline skip its remaining steps, so the abandoned work ends
+            # soon.
+            interrupted = threading.Event()
+            work = asyncio.ensure_future(self._generate_locked(job, staged, interrupted))
+            try:
+                image, inference_ms, cache = await asyncio.shield(work)
+            except asyncio.CancelledError:
+                interrupted.set()
+                raise
         content = await asyncio.to_thread(self._encode, image, job)
         gpu_seconds = inference_ms / 1000.0 * self._gpu_share
         cost_usd = gpu_seconds * self.model.price_per_gpu_hour / 3600.0
@@ -135,17 +148,74 @@ class DiffusionDeployment:
             if interrupted.is_set():
                 raise asyncio.CancelledError
             cache = await self._ensure_hot(job.adapters, staged)
-            active = [
-                ActiveAdapter(
-                    self._hot[use.key],
-                    use.strength,
-                    use.clip_strength,
-                    self.adapters.block_scales(use.block_weights, _block_field(index)),
-                )
-                for index, use in enumerate(job.adapters)
-            ]
+            active = self._active_for(job)
             image, inference_ms = await asyncio.to_thread(self._render, job, active, interrupted)
         return image, inference_ms, cache
+
+    async def _generate_batched(self, job: GenerationJob, staged: dict):
+        """The request's adapters made hot, on its own (a file that fails to load fails this
+        request alone, before it joins a batch), then its image from a batch."""
+
+        async def ensure_hot() -> list[str]:
+            async with self._lock:
+                return await self._ensure_hot(job.adapters, staged)
+
+        # Shielded as in the unbatched path: a load under way finishes before the lock is free.
+        cache = await asyncio.shield(asyncio.ensure_future(ensure_hot()))
+        outcome = await self._render_batched(job)
+        if isinstance(outcome, BaseException):  # this request's group failed, not the batch
+            raise outcome
+        image, inference_ms = outcome
+        return image, inference_ms, cache
+
+    async def _render_batch(self, jobs: list[GenerationJob]) -> list:
+        """Serve's batch handler: one pipeline call per group of jobs with the same
+        `batch_key`, each job's (image, its share of the call's ms), or the exception that
+        failed its group. Serve runs it in its own task, so a request that goes away does not
+        cancel the call its batch shares."""
+        groups: dict[tuple, list[int]] = {}
+        for index, job in enumerate(jobs):
+            key = batch_key(job)
+            groups.setdefault(("alone", index) if key is None else key, []).append(index)
+        outcomes: list = [None] * len(jobs)
+        for indexes in groups.values():
+            group = [jobs[index] for index in indexes]
+            try:
+                media, elapsed_ms = await self._render_group(group)
+            except Exception as e:  # noqa: BLE001 - handed to each request of the group
+                for index in indexes:
+                    outcomes[index] = e
+                continue
+            if len(group) > 1:
+                self._batches_run += 1
+                self._requests_batched += len(group)
+            # Each request is billed its share of the call: the shares add up to its time.
+            for index, image in zip(indexes, media, strict=True):
+                outcomes[index] = (image, elapsed_ms / len(group))
+        self._report()  # the batch counters, for /models
+        return outcomes
+
+    async def _render_group(self, jobs: list[GenerationJob]):
+        async with self._lock:
+            # Each request made its stack hot before it joined the batch, but a request for
+            # another stack may have evicted one of those adapters while this batch formed.
+            # Touched again (reloaded if it went) under the lock, which every eviction needs:
+            # from here to the end of the call no adapter of the group can go.
+            await self._ensure_hot(jobs[0].adapters, {}, count=False)
+            active = self._active_for(jobs[0])
+            return await asyncio.to_thread(self._render_jobs, jobs, active, threading.Event())
+
+    def _active_for(self, job: GenerationJob) -> list[ActiveAdapter]:
+        """The job's stack as the pipeline activates it (its adapters must be hot)."""
+        return [
+            ActiveAdapter(
+                self._hot[use.key],
+                use.strength,
+                use.clip_strength,
+                self.adapters.block_scales(use.block_weights, _block_field(index)),
+            )
+            for index, use in enumerate(job.adapters)
+        ]
 
     async def check_lora(self, data: bytes, name: str) -> int:
         """How many of a file's LoRA matrices fit this model; LoraIncompatible when too few.
@@ -202,6 +272,9 @@ class DiffusionDeployment:
             "adapter_loads": self._loads,
             "adapter_hits": self._hits,
             "adapter_evictions": self._evictions,
+            "max_batch_size": self.model.max_batch_size,
+            "batches_run": self._batches_run,
+            "requests_batched": self._requests_batched,
             "remote_lora_cache": self.remote.stats() if self.remote.config.enabled else None,
             "rss_mb": round(_resident_memory_mb(), 1),
         }
@@ -244,8 +317,11 @@ class DiffusionDeployment:
             self.adapters.block_scales(use.block_weights, _block_field(index))
         return job
 
-    async def _ensure_hot(self, uses: list[AdapterUse], staged: dict) -> list[str]:
-        """Load each adapter of the stack unless hot; 'hit' or 'miss' per adapter, in order."""
+    async def _ensure_hot(
+        self, uses: list[AdapterUse], staged: dict, count: bool = True
+    ) -> list[str]:
+        """Load each adapter of the stack unless hot; 'hit' or 'miss' per adapter, in order.
+        `count=False`: a batch touching its adapters again, not a request (no hit counted)."""
         cache = []
         for use in uses:
             hit = use.key in self._hot
@@ -257,8 +333,9 @@ class DiffusionDeployment:
             finally:
                 self._staged = {}
             cache.append("hit" if hit else "miss")
-            (self._m_hits if hit else self._m_misses).inc()
-            self._hits += hit
+            if count:
+                (self._m_hits if hit else self._m_misses).inc()
+                self._hits += hit
         if uses:
             self._report()
         return cache
@@ -297,9 +374,20 @@ class DiffusionDeployment:
         self._report()
 
     def _render(self, job: GenerationJob, active: list[ActiveAdapter], interrupted):
+        media, elapsed_ms = self._render_jobs([job], active, interrupted)
+        return media[0], elapsed_ms
+
+    def _render_jobs(self, jobs: list[GenerationJob], active: list[ActiveAdapter], interrupted):
+        """One pipeline call for jobs of one batch key: each image from its own job's seed.
+        One job is called exactly as before batching existed (one prompt, one generator)."""
         self.adapters.activate(active)
-        kwargs = self.family.pipeline_kwargs(job)
-        generator = torch.Generator(device="cpu").manual_seed(job.seed)
+        generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in jobs]
+        if len(jobs) == 1:
+            kwargs = self.family.pipeline_kwargs(jobs[0])
+            generator = generators[0]
+        else:
+            kwargs = batched_pipeline_kwargs([self.family.pipeline_kwargs(job) for job in jobs])
+            generator = generators
 
         def stop_if_interrupted(pipe, step, timestep, callback_kwargs):
             pipe._interrupt = interrupted.is_set()  # diffusers skips the remaining steps
@@ -315,8 +403,8 @@ class DiffusionDeployment:
             )
         elapsed_s = time.perf_counter() - started
         self._m_generation_s.observe(elapsed_s)
-        media = output.frames[0] if self.family.output == "video" else output.images[0]
-        return media, elapsed_s * 1000.0
+        media = output.frames if self.family.output == "video" else output.images
+        return list(media[: len(jobs)]), elapsed_s * 1000.0
 
     def _encode(self, media, job: GenerationJob) -> bytes:
         if self.family.output == "video":

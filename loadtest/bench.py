@@ -20,7 +20,11 @@ Over HTTP, against a Serve app started here (its own local Ray cluster, 127.0.0.
     generate, unload, one request at a time, in this process (no HTTP, which favours it);
   - with 2 replicas, adapter loads / distinct adapters requested, on a Zipf workload over
     `--affinity-adapters` adapters (fewer than the 2 replicas' slots, so every load beyond one
-    per adapter is a routing miss, not an eviction).
+    per adapter is a routing miss, not an eviction);
+  - throughput with batching (`max_batch_size` `--batch-size`) / without (1), `--clients`
+    concurrent clients sending requests alike but for their seed (one adapter, one size): two
+    deployments of the same model side by side in the app, measured in interleaved rounds.
+    `--only-batching` measures this figure alone.
 
 Writes bench.json and bench.md under `--out` (loadtest/reports by default).
 """
@@ -67,6 +71,7 @@ ATTENTION_MLP_TARGETS = (
 BENCH_DEPTH = (5, 10)  # double, single blocks: a quarter of FLUX.1's 19 and 38
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 MODEL_NAME = "flux"
+BATCHED_NAME = "flux-batched"  # the same model beside it, with max_batch_size --batch-size
 TARGETS = {  # figure: (comparison, bound)
     "adapter_over_base": ("<=", 1.03),
     "switch_over_repeat": ("<=", 1.02),
@@ -86,6 +91,8 @@ DESCRIPTIONS = {
     "throughput (Zipf workload)",
     "http_over_in_process": "end-to-end HTTP latency / the same generation in process",
     "loads_per_distinct_adapter": "adapter loads / distinct adapters requested (2 replicas)",
+    "batched_over_unbatched_throughput": "batched / unbatched throughput, one adapter, "
+    "4 concurrent clients",
     "rss_after_swaps_over_warmup": "resident memory after the swaps / after warm-up",
 }
 
@@ -107,6 +114,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
     parser.add_argument("--affinity-adapters", type=int, default=12)
     parser.add_argument("--affinity-requests", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4, help="max_batch_size, batched app")
+    parser.add_argument("--batch-wait-ms", type=float, default=50.0, help="its wait for a batch")
+    parser.add_argument("--batch-requests", type=int, default=16, help="per app and round")
+    parser.add_argument("--batch-rounds", type=int, default=3, help="interleaved rounds")
+    parser.add_argument(
+        "--only-batching",
+        action="store_true",
+        help="measure only batched / unbatched throughput (no in-process, Zipf or affinity run)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="workload seed")
     parser.add_argument(
         "--threads",
@@ -125,6 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.repeats, args.swaps, args.requests, args.warmup_requests = 2, 10, 6, 2
         args.affinity_adapters, args.affinity_requests, args.size = 4, 6, 128
+        args.batch_requests, args.batch_rounds = 8, 1
     return args
 
 
@@ -171,8 +188,11 @@ def main(argv=None) -> dict:
         "torch_threads": torch.get_num_threads(),
         "args": vars(args),
     }
-    in_process(pipe, family, lora_root, names, args, figures, details)
-    over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
+    if args.only_batching:
+        batching_only(model_dir, lora_root, names, args, figures, details)
+    else:
+        in_process(pipe, family, lora_root, names, args, figures, details)
+        over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
     details["total_s"] = round(time.perf_counter() - started, 1)
     return write_reports(Path(args.out), figures, details, args)
 
@@ -328,19 +348,34 @@ def zipf_choices(count: int, adapters: int, exponent: float, seed: int) -> list[
     return rng.choice(adapters, size=count, p=weights / weights.sum()).tolist()
 
 
-def deploy(app_name: str, model_dir: Path, lora_root: Path, args, replicas: int) -> None:
-    """The loraplex app (one Flux model, `replicas` replicas) under `app_name` at /."""
+def deploy(
+    app_name: str,
+    model_dir: Path,
+    lora_root: Path,
+    args,
+    replicas: int,
+    batch_sizes: dict[str, int] | None = None,
+) -> None:
+    """The loraplex app under `app_name` at /: one Flux model, `MODEL_NAME`; or, with
+    `batch_sizes` ({name: max_batch_size}), one deployment of it per entry, at /<name>."""
     import torch
 
     from loadtest import service
 
-    model = {
-        "name": MODEL_NAME,
-        "family": "flux",
-        "model_uri": str(model_dir),
-        "max_adapters_per_replica": args.slots,
-        "fuse_single_adapter": args.fuse,
-    }
+    batch_sizes = batch_sizes or {MODEL_NAME: 1}
+    models = [
+        {
+            "name": name,
+            "family": "flux",
+            "model_uri": str(model_dir),
+            "endpoint": name,
+            "max_adapters_per_replica": args.slots,
+            "fuse_single_adapter": args.fuse,
+            "max_batch_size": size,
+            "batch_wait_timeout_ms": args.batch_wait_ms,
+        }
+        for name, size in batch_sizes.items()
+    ]
     # A replica gets as many torch threads as this process (Ray sets OMP_NUM_THREADS from
     # num_cpus), so in-process and HTTP generations compare like for like.
     options = {
@@ -348,8 +383,8 @@ def deploy(app_name: str, model_dir: Path, lora_root: Path, args, replicas: int)
         "max_ongoing_requests": 16,
         "ray_actor_options": {"num_cpus": torch.get_num_threads()},
     }
-    app_args = {"lora_root": str(lora_root), "models": [model]}
-    service.deploy(app_args, {MODEL_NAME: options}, app_name)
+    app_args = {"lora_root": str(lora_root), "models": models}
+    service.deploy(app_args, dict.fromkeys(batch_sizes, options), app_name)
 
 
 def post(client: httpx.Client, body: dict) -> tuple[float, httpx.Response]:
@@ -412,7 +447,7 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
     )
     try:
         with httpx.Client(base_url=url, timeout=600) as client:
-            deploy("bench", model_dir, lora_root, args, replicas=1)
+            deploy("bench", model_dir, lora_root, args, 1, bench_models(args))
             check(post(client, {**body, "seed": 7})[1])  # warm-up
 
             http_ms, local_ms, same_bytes = [], [], True
@@ -430,6 +465,8 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
             cache = [r.headers.get("X-LoRA-Cache", "") for r in responses]
             inference_ms = [float(r.headers.get("X-Inference-Ms", "nan")) for r in responses]
             replicas_one = service.replica_states(url)[MODEL_NAME]
+            batching = measure_batching(url, names, args, figures)
+            failed += batching["failed_requests"]
             serve.delete("bench")
 
             log("two replicas: routing affinity")
@@ -464,6 +501,80 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
         "one_replica": replicas_one,
         "affinity_distinct_adapters": len(set(affinity)),
         "affinity_loads_per_replica": loads,
+        "batching": batching,
+        "failed_requests": failed,
+    }
+
+
+def bench_models(args) -> dict[str, int]:
+    """The bench app's deployments: the model, and the same model batching (idle until
+    `measure_batching`; deployed with the first so that no run waits for a second deploy)."""
+    return {MODEL_NAME: 1, BATCHED_NAME: args.batch_size}
+
+
+def batching_only(model_dir, lora_root, names, args, figures, details) -> None:
+    import torch
+
+    from loadtest import service
+
+    log("starting Ray and Serve")
+    url = service.start(
+        4 * torch.get_num_threads() + 2, {n: os.environ[n] for n in service.ENV_PASSED}
+    )
+    try:
+        deploy("bench", model_dir, lora_root, args, 1, bench_models(args))
+        batching = measure_batching(url, names, args, figures)
+    finally:
+        service.stop()
+    details["http"] = {"batching": batching, "failed_requests": batching["failed_requests"]}
+
+
+def measure_batching(url: str, names, args, figures) -> dict:
+    """Throughput of the bench app's two deployments of the same model, one batching up to
+    `--batch-size` requests and one not, on the same requests: `--clients` clients, one
+    adapter, one size, seeds apart. Rounds alternate between the two, so drift in the
+    machine's load hits both."""
+    from loadtest import service
+
+    body = {"prompt": PROMPT, "width": args.size, "height": args.size, "steps": args.steps}
+    body.update(cfg=3.5, lora_name=names[0])
+    bodies = [{**body, "seed": 300 + i} for i in range(args.batch_requests)]
+    log(
+        f"batching: {args.batch_rounds} rounds of {len(bodies)} requests, max_batch_size 1 "
+        f"and {args.batch_size}"
+    )
+    seconds = {MODEL_NAME: 0.0, BATCHED_NAME: 0.0}
+    failed = 0
+    with httpx.Client(base_url=url, timeout=600) as client:
+
+        def run(name: str, requests: list[dict]) -> float:
+            nonlocal failed
+            started = time.perf_counter()
+            with ThreadPoolExecutor(args.clients) as pool:
+                responses = list(pool.map(lambda b: client.post(f"/{name}-lora", json=b), requests))
+            failed += sum(r.status_code != 200 for r in responses)
+            return time.perf_counter() - started
+
+        for name in seconds:  # warm-up: the adapter loaded, a first batch
+            run(name, bodies[: args.clients])
+        for _ in range(args.batch_rounds):
+            for name in seconds:
+                seconds[name] += run(name, bodies)
+    time.sleep(0.5)  # the replicas report their counters asynchronously
+    states = service.replica_states(url)
+    requests = len(bodies) * args.batch_rounds
+    rates = {name: requests / elapsed_s for name, elapsed_s in seconds.items()}
+    figures["batched_over_unbatched_throughput"] = rates[BATCHED_NAME] / rates[MODEL_NAME]
+    return {
+        "max_batch_size": args.batch_size,
+        "batch_wait_timeout_ms": args.batch_wait_ms,
+        "requests_per_s": {
+            "unbatched": round(rates[MODEL_NAME], 3),
+            "batched": round(rates[BATCHED_NAME], 3),
+        },
+        "batched_replica": {
+            key: states[BATCHED_NAME][0].get(key) for key in ("batches_run", "requests_batched")
+        },
         "failed_requests": failed,
     }
 

@@ -47,9 +47,12 @@ def stop() -> None:
     ray.shutdown()
 
 
-def deploy(app_args: dict, options: dict[str, dict], app_name: str) -> None:
-    """The loraplex app of `app_args` (serve.config.AppConfig) under `app_name` at /, each
-    deployment with `options[name]` (Serve deployment options); waits until it is ready."""
+def deploy(
+    app_args: dict, options: dict[str, dict], app_name: str, route_prefix: str = "/"
+) -> None:
+    """The loraplex app of `app_args` (serve.config.AppConfig) under `app_name` at
+    `route_prefix`, each deployment with `options[name]` (Serve deployment options); waits
+    until it is ready."""
     from ray import serve
 
     from deployments.base import DiffusionDeployment
@@ -68,7 +71,9 @@ def deploy(app_args: dict, options: dict[str, dict], app_name: str) -> None:
     }
     ingress = Ingress.options(**options.get("Ingress", {}))
     serve.run(
-        ingress.bind(config.model_dump(mode="json"), handles), name=app_name, route_prefix="/"
+        ingress.bind(config.model_dump(mode="json"), handles),
+        name=app_name,
+        route_prefix=route_prefix,
     )
 
 

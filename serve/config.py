@@ -53,6 +53,23 @@ class ModelConfig(BaseModel):
         "faster, at the memory of one copy of the adapted layers. Its images differ from the "
         "unfused ones in the last bits.",
     )
+    max_batch_size: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Requests rendered together in one pipeline call when they differ only in "
+        "prompt and seed (same adapter stack, size, steps, guidance). 1: off, every request "
+        "its own call, bitwise reproducible. Above 1, a batched image may differ from the "
+        "unbatched one at its seed by a couple of 1/255 steps in some pixels (matmul blocking "
+        "depends on the batch size). Keep the deployment's max_ongoing_requests at least this.",
+    )
+    batch_wait_timeout_ms: float = Field(
+        default=10.0,
+        ge=0.0,
+        le=5000.0,
+        description="With max_batch_size above 1: how long the first request of a batch waits "
+        "for others to join it.",
+    )
     price_per_gpu_hour: float = Field(
         default=0.0, ge=0.0, le=1000.0, description="USD per GPU-hour, for X-Cost-USD."
     )
