@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray.train
 import torch
 from PIL import Image
 
@@ -30,8 +31,8 @@ def dataset(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("knobs") / "data")
 
 
-def make_trainer(tmp: Path, dataset: Path, **config) -> Trainer:
-    job = tiny_job(tmp, "flux", dataset, **config)
+def make_trainer(tmp: Path, dataset: Path, family: str = "flux", **config) -> Trainer:
+    job = tiny_job(tmp, family, dataset, **config)
     summary = check_job(job)
     loop_config = loop_config_for(job, summary.total_steps, str(tmp / "run"), summary.dataset_hash)
     return Trainer(loop_config, rank_and_world=(0, 1))
@@ -103,26 +104,51 @@ def test_bf16_trains_on_cpu(tmp_path, dataset):
     assert lora_b_moved(half, "transformer")
 
 
-def test_fp16_on_cpu_is_refused(tmp_path, dataset):
-    job = tiny_job(tmp_path, "flux", dataset, mixed_precision="fp16")
-    with pytest.raises(InvalidRequest, match="^config.mixed_precision: fp16 needs use_gpu"):
-        check_job(job)
+def test_fp16_trains_with_loss_scaling_and_resumes(tmp_path, dataset):
+    full = make_trainer(tmp_path / "fp32", dataset)
+    half = make_trainer(tmp_path / "fp16", dataset, mixed_precision="fp16")
+    fp32_losses, fp16_losses = train(full, 2), train(half, 2)
+    assert fp16_losses[0] == pytest.approx(fp32_losses[0], rel=0.01)
+    assert half.scaler.is_enabled() and half.scaler.get_scale() > 1
+    assert lora_b_moved(half, "transformer")
+
+    # A checkpoint carries the loss scale with the optimizer and schedule: a trainer restored
+    # from it takes the same next steps as the one that wrote it.
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    half.save_checkpoint(str(folder))
+    resumed = make_trainer(tmp_path / "fp16", dataset, mixed_precision="fp16")
+    resumed.restore(ray.train.Checkpoint.from_directory(str(folder)))
+    assert resumed.step == 2 and resumed.scaler.get_scale() == half.scaler.get_scale()
+    assert train(resumed, 2) == pytest.approx(train(half, 2), rel=1e-6)
 
 
 # --- text encoder -------------------------------------------------------------------------------
 
 
-def test_text_encoder_lora_trains_publishes_and_serves(tmp_path, dataset):
+TEXT_ENCODERS = {"flux": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"]}
+KOHYA_TEXT_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+
+
+@pytest.mark.parametrize("family", sorted(TEXT_ENCODERS))
+def test_text_encoder_lora_trains_publishes_and_serves(tmp_path, dataset, family):
     trainer = make_trainer(
-        tmp_path, dataset, train_text_encoder=True, export_kohya=True, learning_rate=5e-2
+        tmp_path,
+        dataset,
+        family=family,
+        train_text_encoder=True,
+        export_kohya=True,
+        learning_rate=5e-2,
     )
-    assert trainer.components == ["transformer", "text_encoder"]
+    encoders = TEXT_ENCODERS[family]
+    assert trainer.components == [trainer.family.denoiser_component, *encoders]
     train(trainer, 3)
-    assert lora_b_moved(trainer, "text_encoder"), "no gradient reached the text encoder"
+    for encoder in encoders:
+        assert lora_b_moved(trainer, encoder), f"no gradient reached {encoder}"
     tensors = lora_tensors(trainer.pipe, trainer.components)
     # CLIP keys as diffusers, ComfyUI and kohya name them (with `text_model.`).
-    text_keys = [k for k in tensors if k.startswith("text_encoder.")]
-    assert text_keys and all(k.startswith("text_encoder.text_model.encoder.") for k in text_keys)
+    text_keys = [k for k in tensors if k.startswith("text_encoder")]
+    assert text_keys and all(".text_model.encoder.layers." in k for k in text_keys)
 
     job = trainer.job
     metadata = adapter_metadata(job, trainer.step, trainer.dataset_hash, trainer.components)
@@ -130,24 +156,23 @@ def test_text_encoder_lora_trains_publishes_and_serves(tmp_path, dataset):
     served, served_metadata = load_published(job)
     assert served.keys() == tensors.keys()
 
-    pipe = load_pipeline("flux", "tiny://flux")
-    base = render(pipe, "flux")
-    full = render(pipe, "flux", "full", served, served_metadata)
+    pipe = load_pipeline(family, f"tiny://{family}")
+    base = render(pipe, family)
+    full = render(pipe, family, "full", served, served_metadata)
     assert np.abs(full - base).mean() > 1e-3
-    # The text-encoder half alone changes the image too: serving loads and applies those keys.
-    text_only = {k: v for k, v in served.items() if k.startswith("text_encoder.")}
-    text_image = render(pipe, "flux", "text-only", text_only, served_metadata)
+    # The text-encoder part alone changes the image too: serving loads and applies those keys.
+    text_only = {k: v for k, v in served.items() if k.startswith("text_encoder")}
+    text_image = render(pipe, family, "text-only", text_only, served_metadata)
     assert np.abs(text_image - base).mean() > 1e-3
 
     # The kohya copy names CLIP as kohya and ComfyUI do, and loads to the same images.
     kohya, kohya_metadata = load_published(job, kohya_name(job.output_file))
-    kohya_text = {k: v for k, v in kohya.items() if k.startswith("lora_te1_")}
-    assert kohya_text and all(
-        k.startswith("lora_te1_text_model_encoder_layers_") for k in kohya_text
-    )
-    kohya_image = render(pipe, "flux", "kohya", kohya, kohya_metadata)
+    prefixes = tuple(KOHYA_TEXT_PREFIXES[e] for e in encoders)
+    kohya_text = {k: v for k, v in kohya.items() if k.startswith(prefixes)}
+    assert {k.split("text_model_encoder_layers_")[0] for k in kohya_text} == set(prefixes)
+    kohya_image = render(pipe, family, "kohya", kohya, kohya_metadata)
     assert np.abs(kohya_image - full).max() < 1e-3
-    kohya_text_image = render(pipe, "flux", "kohya-text", kohya_text, kohya_metadata)
+    kohya_text_image = render(pipe, family, "kohya-text", kohya_text, kohya_metadata)
     assert np.abs(kohya_text_image - text_image).max() < 1e-3
 
 
