@@ -346,7 +346,8 @@ class Trainer:
             state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if "scaler" in state:  # checkpoints from before fp16 loss scaling lack it
+            self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.losses = state["losses"]
         self.sample_files = state["samples"]
