@@ -36,8 +36,6 @@ def check_job(job: TrainJob) -> DatasetSummary:
             f"config.optimizer: {config.optimizer} needs the {package} package, which is not "
             "installed; use adamw or adafactor"
         )
-    if config.use_gpu is False and config.mixed_precision == "fp16":
-        raise InvalidRequest("config.mixed_precision: fp16 needs use_gpu; use bf16 or no on CPU")
     if config.sample_every and not config.sample_prompts:
         raise InvalidRequest("config.sample_every: set sample_prompts too")
     summary = check_dataset(job)

@@ -58,7 +58,14 @@ class TrainConfig(BaseModel):
     mixed_precision: MixedPrecision = "no"
     gradient_checkpointing: bool = False
     train_text_encoder: bool = False
-    cache_latents: bool = False
+    cache_latents: bool = Field(
+        default=False, description="Encode each image once; its latents stay in memory."
+    )
+    cache_text_embeddings: bool = Field(
+        default=True,
+        description="Encode each caption once (off: every step, less memory). Not with "
+        "train_text_encoder, whose embeddings change as it trains.",
+    )
     caption_dropout: float = Field(default=0.0, ge=0, le=1.0)
     noise_offset: float = Field(default=0.0, ge=0, le=1.0)
     repeats: int = Field(default=1, ge=1, le=1000, description="Times each image is seen/epoch.")

@@ -24,9 +24,10 @@ import ray.train
 import torch
 import torch.distributed as dist
 from diffusers.optimization import get_scheduler
-from peft import LoraConfig
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
+from transformers import CLIPTextModel
 
 from cluster.train import progress
 from cluster.train.config import RunStatus, TrainConfig, TrainJob
@@ -70,12 +71,15 @@ def add_lora(pipe, family: Family, config: TrainConfig) -> list[str]:
     )
     if config.train_text_encoder:
         for name in family.text_encoder_components:
-            getattr(pipe, name).add_adapter(
+            # peft's own injection, which transformers' `add_adapter` wraps: that wrapper refuses
+            # peft < 0.22 (transformers 5.24), although serving loads text-encoder LoRAs fine.
+            inject_adapter_in_model(
                 LoraConfig(
                     r=config.rank,
                     lora_alpha=config.alpha,
                     target_modules=list(TEXT_ENCODER_TARGETS),
-                )
+                ),
+                getattr(pipe, name),
             )
             components.append(name)
     for name in components:
@@ -85,18 +89,29 @@ def add_lora(pipe, family: Family, config: TrainConfig) -> list[str]:
     return components
 
 
+def _file_prefix(pipe, name: str) -> str:
+    """A component's key prefix in the file. CLIP keys keep the `text_model.` level that
+    transformers 5 dropped from CLIPTextModel: diffusers (with transformers 4 or 5), ComfyUI
+    and kohya's tools all read CLIP LoRAs named that way."""
+    component = getattr(pipe, name)
+    if isinstance(component, CLIPTextModel) and not hasattr(component, "text_model"):
+        return f"{name}.text_model."
+    return f"{name}."
+
+
 def lora_tensors(pipe, components: list[str]) -> dict[str, torch.Tensor]:
     """The LoRA weights in diffusers keys: `<component>.<module>.lora_A.weight`."""
     out = {}
     for name in components:
+        prefix = _file_prefix(pipe, name)
         for key, tensor in get_peft_model_state_dict(getattr(pipe, name)).items():
-            out[f"{name}.{key}"] = tensor.detach().to("cpu").float().clone()
+            out[prefix + key] = tensor.detach().to("cpu").float().clone()
     return out
 
 
 def load_lora_tensors(pipe, components: list[str], tensors: dict[str, torch.Tensor]) -> None:
     for name in components:
-        prefix = f"{name}."
+        prefix = _file_prefix(pipe, name)
         part = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
         set_peft_model_state_dict(getattr(pipe, name), part)
 
@@ -122,10 +137,27 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]):
     raise ValueError(f"config.optimizer: unknown {config.optimizer!r}")
 
 
+def make_scheduler(config: TrainConfig, optimizer, total_steps: int):
+    """diffusers' schedule for `lr_scheduler`, warmup included: its "constant" ignores
+    warmup steps, so a constant schedule with warmup is its "constant_with_warmup"."""
+    name = config.lr_scheduler
+    if name == "constant" and config.lr_warmup_steps:
+        name = "constant_with_warmup"
+    return get_scheduler(
+        name,
+        optimizer=optimizer,
+        num_warmup_steps=config.lr_warmup_steps,
+        num_training_steps=total_steps,
+        num_cycles=config.lr_num_cycles,
+    )
+
+
 class Trainer:
     """One worker's state: the pipeline with its LoRA, the data, the optimizer."""
 
-    def __init__(self, loop_config: dict[str, Any]):
+    def __init__(self, loop_config: dict[str, Any], rank_and_world: tuple[int, int] | None = None):
+        """`rank_and_world`: None under Ray Train (read from its context); (0, 1) to run one
+        worker's loop in-process, as the knob tests do."""
         self.job = TrainJob.model_validate(loop_config["job"])
         self.config = self.job.config
         self.total_steps: int = loop_config["total_steps"]
@@ -133,8 +165,10 @@ class Trainer:
         self.dataset_hash: str = loop_config["dataset_hash"]
         self.crash_at_step: int | None = loop_config.get("crash_at_step")
         self.crash_marker: str | None = loop_config.get("crash_marker")
-        context = ray.train.get_context()
-        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        if rank_and_world is None:
+            context = ray.train.get_context()
+            rank_and_world = context.get_world_rank(), context.get_world_size()
+        self.rank, self.world = rank_and_world
         self.family = get_family(self.job.base_model)
         self.spec = self.family.training
         self.device = "cuda" if self.config.use_gpu and torch.cuda.is_available() else "cpu"
@@ -151,12 +185,10 @@ class Trainer:
             if p.requires_grad
         ]
         self.optimizer = make_optimizer(self.config, self.params)
-        self.scheduler = get_scheduler(
-            self.config.lr_scheduler,
-            optimizer=self.optimizer,
-            num_warmup_steps=self.config.lr_warmup_steps,
-            num_training_steps=self.total_steps,
-            num_cycles=self.config.lr_num_cycles,
+        self.scheduler = make_scheduler(self.config, self.optimizer, self.total_steps)
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler(
+            self.device, enabled=self.config.mixed_precision == "fp16"
         )
         self.samples = load_images(self.job)
         self.order = StepOrder(
@@ -194,6 +226,9 @@ class Trainer:
     def conditionings(self, captions: list[str]) -> list[dict[str, Any]]:
         if self.config.train_text_encoder:  # the text encoder changes: encode every time
             return self.spec.encode_prompts(self.pipe, captions)
+        if not self.config.cache_text_embeddings:
+            with torch.no_grad():
+                return self.spec.encode_prompts(self.pipe, captions)
         missing = [c for c in dict.fromkeys(captions) if c not in self.prompt_cache]
         if missing:
             with torch.no_grad():
@@ -243,12 +278,16 @@ class Trainer:
             ]
             generator = _step_generator(config.seed, micro, self.rank)
             loss = self.loss_of(indices, captions, generator) / config.gradient_accumulation_steps
-            loss.backward()
+            self.scaler.scale(loss).backward()
             total += loss.item()
+        # Averaged while still scaled: an inf on any worker reaches every worker, so all of
+        # them skip the same fp16 step. Without fp16 the scaler passes everything through.
         self.average_gradients()
+        self.scaler.unscale_(self.optimizer)
         if config.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
         if self.world > 1:
             reduced = torch.tensor([total])
@@ -286,6 +325,7 @@ class Trainer:
                 "step": self.step,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "losses": self.losses,
                 "samples": self.sample_files,
                 "validation": self.validation,
@@ -306,6 +346,8 @@ class Trainer:
             state = torch.load(os.path.join(folder, STATE_FILE), weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "scaler" in state:  # checkpoints from before fp16 loss scaling lack it
+            self.scaler.load_state_dict(state["scaler"])
         self.step = state["step"]
         self.losses = state["losses"]
         self.sample_files = state["samples"]

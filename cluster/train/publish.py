@@ -15,7 +15,8 @@ from serve.loras.formats import LORA_ADAPTER_METADATA_KEY
 from serve.loras.store import LoraRef, LoraStore
 
 KOHYA_SUFFIX = ".kohya.safetensors"
-# kohya's prefix for a pipeline's first text encoder (CLIP-L in Flux and SDXL).
+# kohya's prefixes for a pipeline's CLIP text encoders (CLIP-L in Flux and SDXL, SDXL's
+# CLIP-G), before their module paths (`text_model.encoder.layers.0.self_attn.q_proj`).
 KOHYA_TEXT_ENCODER_PREFIX = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
 
 
