@@ -6,12 +6,18 @@ Two things diffusers does not do, and this module adds: it can load a file that 
 module and change nothing (we count the layers each adapter really got and refuse zero), and
 its pipeline-wide `set_adapters` fails on a component that holds none of the adapters (we
 activate per component).
+
+A replica's cold loads go through free slots (`load_reusing` / `release`): building an adapter's
+peft layers (diffusers' `inject_adapter_in_model`) costs far more than reading its file, so an
+evicted adapter's layers are kept, inactive, and the next adapter whose converted keys and
+shapes match them exactly is copied into them in place.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +41,7 @@ from deployments.family import Family, detect_lora_family
 from serve.errors import LoraIncompatible
 
 MAX_KEY_EXAMPLES = 3
+SLOT_NAME_PREFIX = "lx_slot"  # adapters loaded through `load_reusing`
 # Converters drop what they cannot place, so a few leftovers are tolerated; more means the file
 # was made for another model, and loading it would silently change less than its author meant.
 MAX_UNMATCHED_SHARE = 0.05
@@ -56,6 +63,10 @@ class ActiveAdapter:
     """Denoiser weights per block (`PipelineAdapters.block_scales`); other blocks: 1."""
 
 
+# The layout of one adapter's layers: (`<component>.<module>.lora_{A,B}.weight`, shape) pairs.
+Signature = frozenset[tuple[str, tuple[int, ...]]]
+
+
 def adapter_name_for(key: str) -> str:
     """A peft-safe adapter name for a store key (peft names may not contain dots)."""
     return "lx_" + hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -64,10 +75,17 @@ def adapter_name_for(key: str) -> str:
 class PipelineAdapters:
     """The adapters loaded into one pipeline. Not thread-safe: the replica serializes calls."""
 
-    def __init__(self, pipe, family: Family, fuse_single: bool = False):
+    def __init__(
+        self, pipe, family: Family, fuse_single: bool = False, max_adapters: int | None = None
+    ):
         self.pipe = pipe
         self.family = family
         self.fuse_single = fuse_single
+        # Bound on adapters holding layers (hot and free slots together); None: no free slots.
+        self.max_adapters = max_adapters
+        # Evicted adapters whose layers are kept for reuse: name -> signature, oldest first.
+        self._free: dict[str, Signature] = {}
+        self._slots_made = 0
         self._active: tuple[ActiveAdapter, ...] | None = None
         # Denoiser layers whose weights hold a fused adapter: (layer, base weight, adapter).
         self._fused: list[tuple[LoraLayer, torch.Tensor, str]] = []
@@ -221,8 +239,8 @@ class PipelineAdapters:
         """Remove an adapter's layers from every component and free their memory."""
         self._unfuse()
         self._active = None
-        present = {name for names in self.pipe.get_list_adapters().values() for name in names}
-        if adapter_name in present:
+        self._free.pop(adapter_name, None)
+        if adapter_name in self._loaded_names():
             self.pipe.delete_adapters([adapter_name])
         if torch.cuda.is_available():
             # On the device, free the layers now, cycles included. Not on a CPU, where reference
@@ -230,6 +248,136 @@ class PipelineAdapters:
             # itself (bench.py: 500 swaps, resident memory flat without it).
             gc.collect()
             torch.cuda.empty_cache()
+
+    def load_reusing(self, tensors: dict[str, torch.Tensor], label: str) -> tuple[str, int]:
+        """Load an adapter into a free slot whose layers fit it exactly, else freshly under a
+        new name; returns (adapter name, layer count). On any failure the pipeline is unchanged,
+        free slots included. Fresh loads then delete the oldest free slots beyond
+        `max_adapters`, so the layers held stay bounded."""
+        converted = self._slot_layout(tensors)
+        if converted is not None:
+            signature = _signature_of(converted)
+            for slot, slot_signature in self._free.items():
+                if slot_signature == signature:
+                    self._fill(slot, converted)
+                    return slot, self.layer_count(slot)
+        loaded = self._loaded_names()
+        adapter_name = ""
+        while not adapter_name or adapter_name in loaded:
+            self._slots_made += 1
+            adapter_name = f"{SLOT_NAME_PREFIX}{self._slots_made}"
+        layers = self.load(adapter_name, tensors, label)
+        # Deleted after the load, not before: a file that fails to load leaves the slots as
+        # they were. The peak is one adapter's layers over the bound.
+        free = list(self._free)
+        while free and self.max_adapters is not None:
+            if len(self._loaded_names()) <= self.max_adapters:
+                break
+            self.delete(free.pop(0))
+        return adapter_name, layers
+
+    def release(self, adapter_name: str) -> None:
+        """An evicted adapter: its layers become a free slot where they can be refilled
+        exactly (plain LoRA layers, alpha = rank), else they are deleted. Free slots are never
+        active, so they change no generation."""
+        self._unfuse()
+        self._active = None
+        signature = self._slot_signature(adapter_name)
+        if signature is None or self.max_adapters is None:
+            self.delete(adapter_name)
+            return
+        self._free[adapter_name] = signature
+        free = list(self._free)
+        while len(self._loaded_names()) > self.max_adapters and free:
+            self.delete(free.pop(0))
+
+    def free_slots(self) -> list[str]:
+        return list(self._free)
+
+    def _slot_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The file as `<component>.<module>.lora_{A,B}.weight` tensors in the layout diffusers
+        loads them (its own conversion, `lora_state_dict`, and the renaming `load_lora_weights`
+        does), when a fresh load would give plain LoRA layers at scale 1: no network alphas
+        (kohya's `.alpha`, which diffusers turns into per-module scales), no DoRA, no bias, one
+        rank per component. None when in doubt: the caller then loads freshly."""
+        copies = self._renamed({key: tensor.clone() for key, tensor in tensors.items()})
+        extra = {}
+        if getattr(self.pipe, "unet", None) is not None:
+            extra["unet_config"] = self.pipe.unet.config
+        if "return_alphas" in inspect.signature(self.pipe.lora_state_dict).parameters:
+            extra["return_alphas"] = True
+        try:
+            converted = self.pipe.lora_state_dict(copies, **extra)
+            if isinstance(converted, tuple):
+                converted, network_alphas = converted[0], converted[1]
+                if network_alphas:
+                    return None
+            converted = self._peft_layout(converted)
+        except Exception:
+            return None  # the fresh load reports the error
+        ranks: dict[str, set[int]] = {}
+        for key, tensor in converted.items():
+            if not key.endswith((".lora_A.weight", ".lora_B.weight")) or tensor.ndim < 2:
+                return None
+            if key.endswith(".lora_A.weight"):
+                ranks.setdefault(key.partition(".")[0], set()).add(int(tensor.shape[0]))
+        # diffusers' alpha for a file without alphas is the most common rank (peft_utils'
+        # get_peft_kwargs); one rank per component keeps every module's scale at exactly 1.
+        if not converted or any(len(found) != 1 for found in ranks.values()):
+            return None
+        return converted
+
+    def _slot_signature(self, adapter_name: str) -> Signature | None:
+        """The adapter's layer layout, or None when its layers are more than plain LoRA
+        matrices at alpha = rank (DoRA, bias, rsLoRA, embeddings, merged or scaled alphas)."""
+        entries = []
+        for attr in self.family.lora_components:
+            component = getattr(self.pipe, attr, None)
+            if component is None:
+                continue
+            for module_name, module in component.named_modules():
+                if not isinstance(module, LoraLayer):
+                    continue
+                if adapter_name in getattr(module, "lora_embedding_A", {}):
+                    return None
+                if adapter_name not in module.lora_A:
+                    continue
+                if (
+                    adapter_name in module.lora_variant
+                    or module.lora_bias.get(adapter_name)
+                    or module.use_rslora.get(adapter_name)
+                    or module.lora_alpha[adapter_name] != module.r[adapter_name]
+                    or adapter_name in module.merged_adapters
+                    or not isinstance(module.lora_dropout[adapter_name], torch.nn.Identity)
+                ):
+                    return None
+                for kind in ("A", "B"):
+                    weight = getattr(module, f"lora_{kind}")[adapter_name].weight
+                    entries.append(
+                        (f"{attr}.{module_name}.lora_{kind}.weight", tuple(weight.shape))
+                    )
+        return frozenset(entries) or None
+
+    def _fill(self, slot: str, converted: dict[str, torch.Tensor]) -> None:
+        """Copy a file's matrices into a free slot's layers, which the signature match says
+        are exactly the modules and shapes a fresh load would build. Past the library here:
+        diffusers and peft only build new layers (`inject_adapter_in_model`, the cost this
+        avoids); the copy is what peft's `set_peft_model_state_dict` does once they exist
+        (`load_state_dict`: `copy_` into each parameter, cast to its dtype and device)."""
+        self._unfuse()
+        self._active = None
+        with torch.no_grad():
+            for key, tensor in converted.items():
+                attr, _, rest = key.partition(".")
+                module_path, _, kind = rest.removesuffix(".weight").rpartition(".")
+                module = getattr(self.pipe, attr).get_submodule(module_path)
+                getattr(module, kind)[slot].weight.copy_(tensor)
+                # As a fresh load leaves it before activation: alpha / rank, which is 1.
+                module.scaling[slot] = module.lora_alpha[slot] / module.r[slot]
+        del self._free[slot]
+
+    def _loaded_names(self) -> set[str]:
+        return {name for names in self.pipe.get_list_adapters().values() for name in names}
 
     def layer_count(self, adapter_name: str) -> int:
         """How many of the model's layers this adapter modifies, over all components."""
@@ -321,6 +469,10 @@ class PipelineAdapters:
             component = getattr(self.pipe, attr, None)
             if component is not None:
                 yield component
+
+
+def _signature_of(converted: dict[str, torch.Tensor]) -> Signature:
+    return frozenset((key, tuple(tensor.shape)) for key, tensor in converted.items())
 
 
 def _describe(error: Exception) -> str:
