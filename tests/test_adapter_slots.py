@@ -254,8 +254,8 @@ def test_the_service_reloads_an_evicted_adapter_into_a_slot_to_the_same_bytes(se
         assert response.status_code == 200, response.text
         return response
 
-    first = {lora_id: generate(lora_id).content for lora_id in ("i", "j", "k")}
-    for lora_id in ("i", "j", "k", "i"):
+    first = {lora_id: generate(lora_id).content for lora_id in ("g", "h", "k")}
+    for lora_id in ("g", "h", "k", "g"):
         again = generate(lora_id)
         assert again.headers["X-LoRA-Cache"] == "miss"
         assert again.content == first[lora_id]
