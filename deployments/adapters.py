@@ -85,6 +85,9 @@ class PipelineAdapters:
         self.max_adapters = max_adapters
         # Evicted adapters whose layers are kept for reuse: name -> signature, oldest first.
         self._free: dict[str, Signature] = {}
+        # Each loaded adapter's layers, `<component>.<module>` -> layer, found once at load
+        # (a walk over every module of a large model costs as much as a copy into them).
+        self._layers: dict[str, dict[str, LoraLayer]] = {}
         self._slots_made = 0
         self._active: tuple[ActiveAdapter, ...] | None = None
         # Denoiser layers whose weights hold a fused adapter: (layer, base weight, adapter).
@@ -225,7 +228,8 @@ class PipelineAdapters:
         except Exception as e:
             self.delete(adapter_name)
             raise LoraIncompatible(f"Failed to load LoRA: {label}: {_describe(e)}") from e
-        layers = self.layer_count(adapter_name)
+        self._layers[adapter_name] = self._find_layers(adapter_name)
+        layers = len(self._layers[adapter_name])
         if layers == 0:
             self.delete(adapter_name)
             examples = ", ".join(list(tensors)[:MAX_KEY_EXAMPLES])
@@ -240,6 +244,7 @@ class PipelineAdapters:
         self._unfuse()
         self._active = None
         self._free.pop(adapter_name, None)
+        self._layers.pop(adapter_name, None)
         if adapter_name in self._loaded_names():
             self.pipe.delete_adapters([adapter_name])
         if torch.cuda.is_available():
@@ -260,7 +265,7 @@ class PipelineAdapters:
             for slot, slot_signature in self._free.items():
                 if slot_signature == signature:
                     self._fill(slot, converted)
-                    return slot, self.layer_count(slot)
+                    return slot, len(self._layers[slot])
         loaded = self._loaded_names()
         adapter_name = ""
         while not adapter_name or adapter_name in loaded:
@@ -330,33 +335,27 @@ class PipelineAdapters:
     def _slot_signature(self, adapter_name: str) -> Signature | None:
         """The adapter's layer layout, or None when its layers are more than plain LoRA
         matrices at alpha = rank (DoRA, bias, rsLoRA, embeddings, merged or scaled alphas)."""
+        layers = self._layers.get(adapter_name)
+        if not layers or adapter_name not in self._loaded_names():
+            return None
         entries = []
-        for attr in self.family.lora_components:
-            component = getattr(self.pipe, attr, None)
-            if component is None:
-                continue
-            for module_name, module in component.named_modules():
-                if not isinstance(module, LoraLayer):
-                    continue
-                if adapter_name in getattr(module, "lora_embedding_A", {}):
-                    return None
-                if adapter_name not in module.lora_A:
-                    continue
-                if (
-                    adapter_name in module.lora_variant
-                    or module.lora_bias.get(adapter_name)
-                    or module.use_rslora.get(adapter_name)
-                    or module.lora_alpha[adapter_name] != module.r[adapter_name]
-                    or adapter_name in module.merged_adapters
-                    or not isinstance(module.lora_dropout[adapter_name], torch.nn.Identity)
-                ):
-                    return None
-                for kind in ("A", "B"):
-                    weight = getattr(module, f"lora_{kind}")[adapter_name].weight
-                    entries.append(
-                        (f"{attr}.{module_name}.lora_{kind}.weight", tuple(weight.shape))
-                    )
-        return frozenset(entries) or None
+        for path, module in layers.items():
+            if (
+                not isinstance(module, LoraLayer)
+                or adapter_name not in module.lora_A
+                or adapter_name in getattr(module, "lora_embedding_A", {})
+                or adapter_name in module.lora_variant
+                or module.lora_bias.get(adapter_name)
+                or module.use_rslora.get(adapter_name)
+                or module.lora_alpha[adapter_name] != module.r[adapter_name]
+                or adapter_name in module.merged_adapters
+                or not isinstance(module.lora_dropout[adapter_name], torch.nn.Identity)
+            ):
+                return None
+            for kind in ("A", "B"):
+                weight = getattr(module, f"lora_{kind}")[adapter_name].weight
+                entries.append((f"{path}.lora_{kind}.weight", tuple(weight.shape)))
+        return frozenset(entries)
 
     def _fill(self, slot: str, converted: dict[str, torch.Tensor]) -> None:
         """Copy a file's matrices into a free slot's layers, which the signature match says
@@ -366,11 +365,11 @@ class PipelineAdapters:
         (`load_state_dict`: `copy_` into each parameter, cast to its dtype and device)."""
         self._unfuse()
         self._active = None
+        layers = self._layers[slot]
         with torch.no_grad():
             for key, tensor in converted.items():
-                attr, _, rest = key.partition(".")
-                module_path, _, kind = rest.removesuffix(".weight").rpartition(".")
-                module = getattr(self.pipe, attr).get_submodule(module_path)
+                path, _, kind = key.removesuffix(".weight").rpartition(".")
+                module = layers[path]
                 getattr(module, kind)[slot].weight.copy_(tensor)
                 # As a fresh load leaves it before activation: alpha / rank, which is 1.
                 module.scaling[slot] = module.lora_alpha[slot] / module.r[slot]
@@ -381,14 +380,20 @@ class PipelineAdapters:
 
     def layer_count(self, adapter_name: str) -> int:
         """How many of the model's layers this adapter modifies, over all components."""
-        count = 0
-        for component in self._components():
-            for module in component.modules():
+        return len(self._find_layers(adapter_name))
+
+    def _find_layers(self, adapter_name: str) -> dict[str, LoraLayer]:
+        layers = {}
+        for attr in self.family.lora_components:
+            component = getattr(self.pipe, attr, None)
+            if component is None:
+                continue
+            for name, module in component.named_modules():
                 if isinstance(module, BaseTunerLayer) and adapter_name in getattr(
                     module, "lora_A", {}
                 ):
-                    count += 1
-        return count
+                    layers[f"{attr}.{name}"] = module
+        return layers
 
     def activate(self, adapters: list[ActiveAdapter]) -> None:
         """Make exactly these adapters active, at these strengths, in request order."""
@@ -463,12 +468,6 @@ class PipelineAdapters:
             for adapter, weights in weighted:
                 if group in weights:
                     module.set_scale(adapter.adapter_name, adapter.strength * weights[group][index])
-
-    def _components(self):
-        for attr in self.family.lora_components:
-            component = getattr(self.pipe, attr, None)
-            if component is not None:
-                yield component
 
 
 def _signature_of(converted: dict[str, torch.Tensor]) -> Signature:
