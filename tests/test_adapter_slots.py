@@ -16,6 +16,7 @@ from deployments.family import get_family
 from serve.errors import LoraIncompatible
 from serve.loras.files import parse_lora_file
 from tests.lora_files import lora_tensors, write_lora
+from tests.test_adapters import kohya_flux
 
 PROMPT = "a lighthouse on a cliff"
 SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
@@ -262,3 +263,65 @@ def test_the_service_reloads_an_evicted_adapter_into_a_slot_to_the_same_bytes(se
     [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
     [replica] = flux["replicas"]
     assert len(replica["hot_adapters"]) <= 2
+
+
+def adapter_state(adapters, adapter_name: str) -> dict:
+    """Everything an adapter's layers compute with: matrices, rank, alpha, scale."""
+    state = {}
+    for path, module in adapters._find_layers(adapter_name).items():
+        for kind in ("lora_A", "lora_B"):
+            state[f"{path}.{kind}"] = getattr(module, kind)[adapter_name].weight.detach().clone()
+        state[f"{path}.scale"] = (
+            module.r[adapter_name],
+            module.lora_alpha[adapter_name],
+            module.scaling[adapter_name],
+            module.use_dora[adapter_name],
+        )
+    return state
+
+
+def same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
+    )
+
+
+@pytest.mark.parametrize("family", ["sdxl", "qwen_image", "z_image", "wan"])
+def test_every_family_refills_a_slot_to_the_state_of_a_fresh_load(tiny_pipelines, family):
+    spec = get_family(family)
+    pipe = tiny_pipelines(family)
+    denoiser = getattr(pipe, spec.denoiser_component)
+    first, second = (
+        lora_tensors(denoiser, spec.denoiser_component, seed, targets=spec.lora_targets)
+        for seed in (21, 22)
+    )
+    adapters = PipelineAdapters(pipe, spec, max_adapters=1)
+    try:
+        evicted, _ = adapters.load_reusing(first, "first")
+        adapters.activate([on(evicted, 0.5)])
+        adapters.release(evicted)
+        slot, layers = adapters.load_reusing(second, "second")
+        assert slot == evicted and layers == len(second) // 2
+        recycled = adapter_state(adapters, slot)
+        adapters.delete(slot)
+        adapters.load("fresh", second, "fresh")
+        fresh = adapter_state(adapters, "fresh")
+        assert same_state(recycled, fresh)
+    finally:
+        for name in loaded(pipe):
+            adapters.delete(name)
+
+
+def test_a_kohya_file_refills_a_slot_or_loads_freshly_to_the_same_state(adapters, pipe):
+    """kohya's fused qkv and `.alpha`: whichever way diffusers' conversion takes it, the
+    layers end as a fresh load of the same file makes them."""
+    first, _ = kohya_flux(pipe, 31)
+    second, _ = kohya_flux(pipe, 32)
+    evicted, _ = adapters.load_reusing(first, "first")
+    adapters.release(evicted)
+    name, _ = adapters.load_reusing(second, "second")
+    recycled = adapter_state(adapters, name)
+    for adapter_name in loaded(pipe):
+        adapters.delete(adapter_name)
+    adapters.load("fresh", second, "fresh")
+    assert same_state(recycled, adapter_state(adapters, "fresh"))
