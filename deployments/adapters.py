@@ -88,6 +88,12 @@ class PipelineAdapters:
         # Each loaded adapter's layers, `<component>.<module>` -> layer, found once at load
         # (a walk over every module of a large model costs as much as a copy into them).
         self._layers: dict[str, dict[str, LoraLayer]] = {}
+        self._signatures: dict[str, Signature | None] = {}  # fixed when the layers are built
+        # `<component>.<module>` -> (in, out features), or None for no such module: looked up
+        # once per module, not per check (a cold load's largest cost after the slots). Dropped
+        # on each fresh load, which may reshape a base layer (diffusers' Flux loader widens
+        # some for Control LoRAs).
+        self._features: dict[str, tuple | None] = {}
         self._slots_made = 0
         self._active: tuple[ActiveAdapter, ...] | None = None
         # Denoiser layers whose weights hold a fused adapter: (layer, base weight, adapter).
@@ -207,22 +213,36 @@ class PipelineAdapters:
         attr, _, rest = key.partition(".")
         if attr not in self.family.lora_components:
             return False
-        component = getattr(self.pipe, attr, None)
         module_path, _, kind = rest.rpartition(".lora_")
-        try:
-            module = component.get_submodule(module_path)
-        except AttributeError:
+        features = self._features  # a fresh load may replace it beside this check
+        path = f"{attr}.{module_path}"
+        if path not in features:
+            features[path] = self._module_features(attr, module_path)
+        if features[path] is None:
             return False
-        in_features = getattr(module, "in_features", getattr(module, "in_channels", None))
-        out_features = getattr(module, "out_features", getattr(module, "out_channels", None))
+        in_features, out_features = features[path]
         if kind.startswith("A"):
             return tensor.ndim >= 2 and tensor.shape[1] == in_features
         return tensor.ndim >= 2 and tensor.shape[0] == out_features
 
+    def _module_features(self, attr: str, module_path: str) -> tuple | None:
+        component = getattr(self.pipe, attr, None)
+        try:
+            module = component.get_submodule(module_path)
+        except AttributeError:
+            return None
+        in_features = getattr(module, "in_features", getattr(module, "in_channels", None))
+        out_features = getattr(module, "out_features", getattr(module, "out_channels", None))
+        return in_features, out_features
+
     def load(self, adapter_name: str, tensors: dict[str, torch.Tensor], label: str) -> int:
         """Inject an adapter; returns its layer count. On any failure the pipeline is unchanged."""
         self._unfuse()
-        self._active = None  # diffusers activates what it loads; the next request re-activates
+        self._active = None
+        self._features = {}
+        self._signatures.pop(
+            adapter_name, None
+        )  # diffusers activates what it loads; the next request re-activates
         try:
             self.pipe.load_lora_weights(self._renamed(dict(tensors)), adapter_name=adapter_name)
         except Exception as e:
@@ -245,6 +265,7 @@ class PipelineAdapters:
         self._active = None
         self._free.pop(adapter_name, None)
         self._layers.pop(adapter_name, None)
+        self._signatures.pop(adapter_name, None)
         if adapter_name in self._loaded_names():
             self.pipe.delete_adapters([adapter_name])
         if torch.cuda.is_available():
@@ -287,8 +308,14 @@ class PipelineAdapters:
         active, so they change no generation."""
         self._unfuse()
         self._active = None
-        signature = self._slot_signature(adapter_name)
-        if signature is None or self.max_adapters is None:
+        if adapter_name not in self._signatures:
+            self._signatures[adapter_name] = self._slot_signature(adapter_name)
+        signature = self._signatures[adapter_name]
+        if (
+            signature is None
+            or adapter_name not in self._loaded_names()
+            or self.max_adapters is None
+        ):
             self.delete(adapter_name)
             return
         self._free[adapter_name] = signature
