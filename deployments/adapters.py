@@ -238,11 +238,9 @@ class PipelineAdapters:
     def load(self, adapter_name: str, tensors: dict[str, torch.Tensor], label: str) -> int:
         """Inject an adapter; returns its layer count. On any failure the pipeline is unchanged."""
         self._unfuse()
-        self._active = None
+        self._active = None  # diffusers activates what it loads; the next request re-activates
         self._features = {}
-        self._signatures.pop(
-            adapter_name, None
-        )  # diffusers activates what it loads; the next request re-activates
+        self._signatures.pop(adapter_name, None)
         try:
             self.pipe.load_lora_weights(self._renamed(dict(tensors)), adapter_name=adapter_name)
         except Exception as e:
