@@ -183,6 +183,10 @@ def test_a_slot_takes_only_what_a_fresh_load_would_make_plain(adapters, pipe, fi
         stem = key.removesuffix(".lora_B.weight")
         dora[f"{stem}.lora_magnitude_vector"] = torch.ones(dora[key].shape[0])
     assert adapters._slot_layout(dora) is None
+    name, _ = adapters.load_reusing(dora, "dora")
+    assert name != evicted
+    adapters.release(name)
+    assert name not in loaded(pipe) and adapters.free_slots() == [evicted]
 
 
 def test_a_failed_load_leaves_the_slot_and_the_images_as_they_were(adapters, pipe, files, base):
