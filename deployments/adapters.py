@@ -6,12 +6,18 @@ Two things diffusers does not do, and this module adds: it can load a file that 
 module and change nothing (we count the layers each adapter really got and refuse zero), and
 its pipeline-wide `set_adapters` fails on a component that holds none of the adapters (we
 activate per component).
+
+A replica's cold loads go through free slots (`load_reusing` / `release`): building an adapter's
+peft layers (diffusers' `inject_adapter_in_model`) costs far more than reading its file, so an
+evicted adapter's layers are kept, inactive, and the next adapter whose converted keys and
+shapes match them exactly is copied into them in place.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +41,7 @@ from deployments.family import Family, detect_lora_family
 from serve.errors import LoraIncompatible
 
 MAX_KEY_EXAMPLES = 3
+SLOT_NAME_PREFIX = "lx_slot"  # adapters loaded through `load_reusing`
 # Converters drop what they cannot place, so a few leftovers are tolerated; more means the file
 # was made for another model, and loading it would silently change less than its author meant.
 MAX_UNMATCHED_SHARE = 0.05
@@ -56,6 +63,10 @@ class ActiveAdapter:
     """Denoiser weights per block (`PipelineAdapters.block_scales`); other blocks: 1."""
 
 
+# The layout of one adapter's layers: (`<component>.<module>.lora_{A,B}.weight`, shape) pairs.
+Signature = frozenset[tuple[str, tuple[int, ...]]]
+
+
 def adapter_name_for(key: str) -> str:
     """A peft-safe adapter name for a store key (peft names may not contain dots)."""
     return "lx_" + hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -64,10 +75,26 @@ def adapter_name_for(key: str) -> str:
 class PipelineAdapters:
     """The adapters loaded into one pipeline. Not thread-safe: the replica serializes calls."""
 
-    def __init__(self, pipe, family: Family, fuse_single: bool = False):
+    def __init__(
+        self, pipe, family: Family, fuse_single: bool = False, max_adapters: int | None = None
+    ):
         self.pipe = pipe
         self.family = family
         self.fuse_single = fuse_single
+        # Bound on adapters holding layers (hot and free slots together); None: no free slots.
+        self.max_adapters = max_adapters
+        # Evicted adapters whose layers are kept for reuse: name -> signature, oldest first.
+        self._free: dict[str, Signature] = {}
+        # Each loaded adapter's layers, `<component>.<module>` -> layer, found once at load
+        # (a walk over every module of a large model costs as much as a copy into them).
+        self._layers: dict[str, dict[str, LoraLayer]] = {}
+        self._signatures: dict[str, Signature | None] = {}  # fixed when the layers are built
+        # `<component>.<module>` -> (in, out features), or None for no such module: looked up
+        # once per module, not per check (a cold load's largest cost after the slots). Dropped
+        # on each fresh load, which may reshape a base layer (diffusers' Flux loader widens
+        # some for Control LoRAs).
+        self._features: dict[str, tuple | None] = {}
+        self._slots_made = 0
         self._active: tuple[ActiveAdapter, ...] | None = None
         # Denoiser layers whose weights hold a fused adapter: (layer, base weight, adapter).
         self._fused: list[tuple[LoraLayer, torch.Tensor, str]] = []
@@ -186,28 +213,41 @@ class PipelineAdapters:
         attr, _, rest = key.partition(".")
         if attr not in self.family.lora_components:
             return False
-        component = getattr(self.pipe, attr, None)
         module_path, _, kind = rest.rpartition(".lora_")
-        try:
-            module = component.get_submodule(module_path)
-        except AttributeError:
+        features = self._features  # a fresh load may replace it beside this check
+        path = f"{attr}.{module_path}"
+        if path not in features:
+            features[path] = self._module_features(attr, module_path)
+        if features[path] is None:
             return False
-        in_features = getattr(module, "in_features", getattr(module, "in_channels", None))
-        out_features = getattr(module, "out_features", getattr(module, "out_channels", None))
+        in_features, out_features = features[path]
         if kind.startswith("A"):
             return tensor.ndim >= 2 and tensor.shape[1] == in_features
         return tensor.ndim >= 2 and tensor.shape[0] == out_features
+
+    def _module_features(self, attr: str, module_path: str) -> tuple | None:
+        component = getattr(self.pipe, attr, None)
+        try:
+            module = component.get_submodule(module_path)
+        except AttributeError:
+            return None
+        in_features = getattr(module, "in_features", getattr(module, "in_channels", None))
+        out_features = getattr(module, "out_features", getattr(module, "out_channels", None))
+        return in_features, out_features
 
     def load(self, adapter_name: str, tensors: dict[str, torch.Tensor], label: str) -> int:
         """Inject an adapter; returns its layer count. On any failure the pipeline is unchanged."""
         self._unfuse()
         self._active = None  # diffusers activates what it loads; the next request re-activates
+        self._features = {}
+        self._signatures.pop(adapter_name, None)
         try:
             self.pipe.load_lora_weights(self._renamed(dict(tensors)), adapter_name=adapter_name)
         except Exception as e:
             self.delete(adapter_name)
             raise LoraIncompatible(f"Failed to load LoRA: {label}: {_describe(e)}") from e
-        layers = self.layer_count(adapter_name)
+        self._layers[adapter_name] = self._find_layers(adapter_name)
+        layers = len(self._layers[adapter_name])
         if layers == 0:
             self.delete(adapter_name)
             examples = ", ".join(list(tensors)[:MAX_KEY_EXAMPLES])
@@ -221,8 +261,10 @@ class PipelineAdapters:
         """Remove an adapter's layers from every component and free their memory."""
         self._unfuse()
         self._active = None
-        present = {name for names in self.pipe.get_list_adapters().values() for name in names}
-        if adapter_name in present:
+        self._free.pop(adapter_name, None)
+        self._layers.pop(adapter_name, None)
+        self._signatures.pop(adapter_name, None)
+        if adapter_name in self._loaded_names():
             self.pipe.delete_adapters([adapter_name])
         if torch.cuda.is_available():
             # On the device, free the layers now, cycles included. Not on a CPU, where reference
@@ -231,16 +273,152 @@ class PipelineAdapters:
             gc.collect()
             torch.cuda.empty_cache()
 
+    def load_reusing(self, tensors: dict[str, torch.Tensor], label: str) -> tuple[str, int]:
+        """Load an adapter into a free slot whose layers fit it exactly, else freshly under a
+        new name; returns (adapter name, layer count). On any failure the pipeline is unchanged,
+        free slots included. Fresh loads then delete the oldest free slots beyond
+        `max_adapters`, so the layers held stay bounded."""
+        converted = self._slot_layout(tensors)
+        if converted is not None:
+            signature = _signature_of(converted)
+            for slot, slot_signature in self._free.items():
+                if slot_signature == signature:
+                    self._fill(slot, converted)
+                    return slot, len(self._layers[slot])
+        loaded = self._loaded_names()
+        adapter_name = ""
+        while not adapter_name or adapter_name in loaded:
+            self._slots_made += 1
+            adapter_name = f"{SLOT_NAME_PREFIX}{self._slots_made}"
+        layers = self.load(adapter_name, tensors, label)
+        # Deleted after the load, not before: a file that fails to load leaves the slots as
+        # they were. The peak is one adapter's layers over the bound.
+        free = list(self._free)
+        while free and self.max_adapters is not None:
+            if len(self._loaded_names()) <= self.max_adapters:
+                break
+            self.delete(free.pop(0))
+        return adapter_name, layers
+
+    def release(self, adapter_name: str) -> None:
+        """An evicted adapter: its layers become a free slot where they can be refilled
+        exactly (plain LoRA layers, alpha = rank), else they are deleted. Free slots are never
+        active, so they change no generation."""
+        self._unfuse()
+        self._active = None
+        if adapter_name not in self._signatures:
+            self._signatures[adapter_name] = self._slot_signature(adapter_name)
+        signature = self._signatures[adapter_name]
+        if (
+            signature is None
+            or adapter_name not in self._loaded_names()
+            or self.max_adapters is None
+        ):
+            self.delete(adapter_name)
+            return
+        self._free[adapter_name] = signature
+        free = list(self._free)
+        while len(self._loaded_names()) > self.max_adapters and free:
+            self.delete(free.pop(0))
+
+    def free_slots(self) -> list[str]:
+        return list(self._free)
+
+    def _slot_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+        """The file as `<component>.<module>.lora_{A,B}.weight` tensors in the layout diffusers
+        loads them (its own conversion, `lora_state_dict`, and the renaming `load_lora_weights`
+        does), when a fresh load would give plain LoRA layers at scale 1: no network alphas
+        (kohya's `.alpha`, which diffusers turns into per-module scales), no DoRA, no bias, one
+        rank per component. None when in doubt: the caller then loads freshly."""
+        copies = self._renamed({key: tensor.clone() for key, tensor in tensors.items()})
+        extra = {}
+        if getattr(self.pipe, "unet", None) is not None:
+            extra["unet_config"] = self.pipe.unet.config
+        if "return_alphas" in inspect.signature(self.pipe.lora_state_dict).parameters:
+            extra["return_alphas"] = True
+        try:
+            converted = self.pipe.lora_state_dict(copies, **extra)
+            if isinstance(converted, tuple):
+                converted, network_alphas = converted[0], converted[1]
+                if network_alphas:
+                    return None
+            converted = self._peft_layout(converted)
+        except Exception:
+            return None  # the fresh load reports the error
+        ranks: dict[str, set[int]] = {}
+        for key, tensor in converted.items():
+            if not key.endswith((".lora_A.weight", ".lora_B.weight")) or tensor.ndim < 2:
+                return None
+            if key.endswith(".lora_A.weight"):
+                ranks.setdefault(key.partition(".")[0], set()).add(int(tensor.shape[0]))
+        # diffusers' alpha for a file without alphas is the most common rank (peft_utils'
+        # get_peft_kwargs); one rank per component keeps every module's scale at exactly 1.
+        if not converted or any(len(found) != 1 for found in ranks.values()):
+            return None
+        return converted
+
+    def _slot_signature(self, adapter_name: str) -> Signature | None:
+        """The adapter's layer layout, or None when its layers are more than plain LoRA
+        matrices at alpha = rank (DoRA, bias, rsLoRA, embeddings, merged or scaled alphas)."""
+        layers = self._layers.get(adapter_name)
+        if not layers or adapter_name not in self._loaded_names():
+            return None
+        entries = []
+        for path, module in layers.items():
+            if (
+                not isinstance(module, LoraLayer)
+                or adapter_name not in module.lora_A
+                or adapter_name in getattr(module, "lora_embedding_A", {})
+                or adapter_name in module.lora_variant
+                or module.lora_bias.get(adapter_name)
+                or module.use_rslora.get(adapter_name)
+                or module.lora_alpha[adapter_name] != module.r[adapter_name]
+                or adapter_name in module.merged_adapters
+                or not isinstance(module.lora_dropout[adapter_name], torch.nn.Identity)
+            ):
+                return None
+            for kind in ("A", "B"):
+                weight = getattr(module, f"lora_{kind}")[adapter_name].weight
+                entries.append((f"{path}.lora_{kind}.weight", tuple(weight.shape)))
+        return frozenset(entries)
+
+    def _fill(self, slot: str, converted: dict[str, torch.Tensor]) -> None:
+        """Copy a file's matrices into a free slot's layers, which the signature match says
+        are exactly the modules and shapes a fresh load would build. Past the library here:
+        diffusers and peft only build new layers (`inject_adapter_in_model`, the cost this
+        avoids); the copy is what peft's `set_peft_model_state_dict` does once they exist
+        (`load_state_dict`: `copy_` into each parameter, cast to its dtype and device)."""
+        self._unfuse()
+        self._active = None
+        layers = self._layers[slot]
+        with torch.no_grad():
+            for key, tensor in converted.items():
+                path, _, kind = key.removesuffix(".weight").rpartition(".")
+                module = layers[path]
+                getattr(module, kind)[slot].weight.copy_(tensor)
+                # As a fresh load leaves it before activation: alpha / rank, which is 1.
+                module.scaling[slot] = module.lora_alpha[slot] / module.r[slot]
+        del self._free[slot]
+
+    def _loaded_names(self) -> set[str]:
+        return {name for names in self.pipe.get_list_adapters().values() for name in names}
+
     def layer_count(self, adapter_name: str) -> int:
         """How many of the model's layers this adapter modifies, over all components."""
-        count = 0
-        for component in self._components():
-            for module in component.modules():
+        return len(self._find_layers(adapter_name))
+
+    def _find_layers(self, adapter_name: str) -> dict[str, LoraLayer]:
+        layers = {}
+        for attr in self.family.lora_components:
+            component = getattr(self.pipe, attr, None)
+            if component is None:
+                continue
+            for name, module in component.named_modules():
                 if isinstance(module, BaseTunerLayer) and adapter_name in getattr(
                     module, "lora_A", {}
                 ):
-                    count += 1
-        return count
+                    layers[f"{attr}.{name}"] = module
+        return layers
 
     def activate(self, adapters: list[ActiveAdapter]) -> None:
         """Make exactly these adapters active, at these strengths, in request order."""
@@ -316,11 +494,9 @@ class PipelineAdapters:
                 if group in weights:
                     module.set_scale(adapter.adapter_name, adapter.strength * weights[group][index])
 
-    def _components(self):
-        for attr in self.family.lora_components:
-            component = getattr(self.pipe, attr, None)
-            if component is not None:
-                yield component
+
+def _signature_of(converted: dict[str, torch.Tensor]) -> Signature:
+    return frozenset((key, tuple(tensor.shape)) for key, tensor in converted.items())
 
 
 def _describe(error: Exception) -> str:

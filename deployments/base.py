@@ -59,7 +59,12 @@ class DiffusionDeployment:
         self.pipe = load_pipeline(
             self.model.family, self.model.model_uri, self.model.dtype, self.model.device
         )
-        self.adapters = PipelineAdapters(self.pipe, self.family, self.model.fuse_single_adapter)
+        self.adapters = PipelineAdapters(
+            self.pipe,
+            self.family,
+            self.model.fuse_single_adapter,
+            max_adapters=self.model.max_adapters_per_replica,
+        )
         self.store = LoraStore(lora_root)
         self.remote = RemoteLoraCache(RemoteLoraConfig.model_validate(remote_loras or {}))
         self._lock = asyncio.Lock()
@@ -354,10 +359,10 @@ class DiffusionDeployment:
     async def _load_adapter(self, key: str) -> HotAdapter:
         """The multiplexed loader: runs under `self._lock`, held by `_ensure_hot`'s caller."""
         tensors = self._staged.pop(key)
-        adapter_name = adapter_name_for(key)
         label = key.rpartition("@")[0]
         started = time.perf_counter()
-        await asyncio.to_thread(self.adapters.load, adapter_name, tensors, label)
+        # Into an evicted adapter's layers when they fit (a free slot), else a fresh load.
+        adapter_name, _ = await asyncio.to_thread(self.adapters.load_reusing, tensors, label)
         self._m_load_s.observe(time.perf_counter() - started)
         self._hot[key] = adapter_name
         self._loads += 1
@@ -366,8 +371,8 @@ class DiffusionDeployment:
 
     def _evict(self, adapter: HotAdapter) -> None:
         # Serve evicts only inside `_get_adapter`, which runs under the lock: no generation
-        # is in flight while the adapter's layers are deleted.
-        self.adapters.delete(adapter.adapter_name)
+        # is in flight while the adapter's layers are deleted or kept as a free slot.
+        self.adapters.release(adapter.adapter_name)
         self._hot.pop(adapter.key, None)
         self._evictions += 1
         self._m_evictions.inc()

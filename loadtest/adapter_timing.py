@@ -6,7 +6,9 @@ Builds a Flux pipeline (`tiny`: the tiny:// model; `bench`: the same real classe
 deeper transformer), writes one random LoRA into a temporary LoRA root, and times, on the same
 file in the same run, the median of `--repeats`:
   - reading the file's bytes from the store;
-  - a cold load as a replica does it: read, parse, check against the model, load_lora_weights;
+  - a fresh cold load: read, parse, check against the model, load_lora_weights (new layers);
+  - a cold load into a free slot, as a replica does it once it has evicted an adapter of the
+    same layout: read, parse, check, copy into the evicted adapter's layers (`load_reusing`);
   - a hot scale change: activating the loaded adapter at another strength;
   - a hot block-weight change: the same with other per-block weights.
 """
@@ -86,7 +88,7 @@ def main() -> None:
 
     family = get_family("flux")
     pipe = build_pipeline(args.size)
-    adapters = PipelineAdapters(pipe, family)
+    adapters = PipelineAdapters(pipe, family, max_adapters=1)
     root = Path(tempfile.mkdtemp(prefix="adapter-timing-"))
     path = write_lora(
         root / "timing.safetensors", lora_tensors(pipe.transformer, "transformer", 1, args.rank)
@@ -105,9 +107,19 @@ def main() -> None:
     def cold_load():
         adapters.load("timing", read_and_check(), ref.name)
 
+    slot = []
+
+    def slot_load():
+        slot.append(adapters.load_reusing(read_and_check(), ref.name)[0])
+
     read_ms = median_ms(read, args.repeats)
     check_ms = median_ms(read_and_check, args.repeats)
     cold_ms = median_ms(cold_load, args.repeats, after=lambda: adapters.delete("timing"))
+    slot_load()  # a fresh load, then kept as a free slot by its eviction
+    adapters.release(slot.pop())
+    slot_ms = median_ms(slot_load, args.repeats, after=lambda: adapters.release(slot.pop()))
+    release_ms = median_ms(lambda: adapters.release(slot.pop()), args.repeats, before=slot_load)
+    adapters.delete(adapters.free_slots()[0])
     cold_load()
     strengths = iter([0.5, 1.0] * args.repeats)
     scale_ms = median_ms(
@@ -131,12 +143,15 @@ def main() -> None:
     print("| operation | median ms |\n|---|---|")
     print(f"| read the file's bytes | {read_ms:.2f} |")
     print(f"| read, parse and check against the model | {check_ms:.2f} |")
-    print(f"| cold load: read, parse, check, load_lora_weights | {cold_ms:.2f} |")
+    print(f"| fresh cold load: read, parse, check, load_lora_weights | {cold_ms:.2f} |")
+    print(f"| cold load into a free slot: read, parse, check, copy in place | {slot_ms:.2f} |")
+    print(f"| eviction keeping the layers as a free slot | {release_ms:.2f} |")
     print(f"| hot scale change (activate at a new strength) | {scale_ms:.2f} |")
     print(f"| hot block-weight change | {block_ms:.2f} |")
     print(
-        f"cold load / read: {cold_ms / read_ms:.0f} x; cold load / hot scale change: "
-        f"{cold_ms / scale_ms:.0f} x"
+        f"fresh cold load / read: {cold_ms / read_ms:.0f} x; into a free slot / read: "
+        f"{slot_ms / read_ms:.0f} x; into a free slot / hot scale change: "
+        f"{slot_ms / scale_ms:.1f} x"
     )
 
 

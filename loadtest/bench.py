@@ -11,8 +11,12 @@ attention and MLP) into a temporary LoRA root, and measures:
 In this process, with the replica's own code (PipelineAdapters, LoraStore):
   - generation with one active adapter / base generation;
   - a request that switches between two hot adapters / a request that repeats one;
-  - a cold load of an adapter (read, parse, check, load_lora_weights) / reading the file's bytes;
-  - resident memory after `--swaps` adapter swaps through an LRU of `--slots` / after warm-up.
+  - a cold load of an adapter as a replica makes it once its LRU is full: evict the least
+    recently used adapter, keeping its layers as a free slot, then read, parse, check and copy
+    the new file into that slot / reading the file's bytes (and, for comparison, a fresh load:
+    read, parse, check, load_lora_weights building new layers);
+  - resident memory after `--swaps` adapter swaps (evict, load into the free slot) through an
+    LRU of `--slots` / after warm-up.
 Over HTTP, against a Serve app started here (its own local Ray cluster, 127.0.0.1 only):
   - end-to-end HTTP latency / the same generation (pipeline call and PNG encoding) in process;
   - throughput of loraplex (1 replica, `--slots` hot adapters, `--clients` concurrent clients)
@@ -86,7 +90,10 @@ DESCRIPTIONS = {
     "unfused_adapter_over_base": "the same, adapter not fused (peft LoRA layers)",
     "switch_over_repeat": "request switching between two hot adapters / repeating one",
     "switch_activation_over_generation": "adapter switch (activation alone) / one generation",
-    "cold_load_over_read": "cold load of an adapter / reading the file's bytes",
+    "cold_load_over_read": "cold load of an adapter (eviction, load into its free slot) / "
+    "reading the file's bytes",
+    "cold_load_fresh_over_read": "fresh cold load (new layers, load_lora_weights) / reading the "
+    "file's bytes",
     "loraplex_over_naive_throughput": "loraplex over HTTP / naive load-generate-unload "
     "throughput (Zipf workload)",
     "http_over_in_process": "end-to-end HTTP latency / the same generation in process",
@@ -238,30 +245,49 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
     from serve.loras.formats import apply_metadata_alpha
     from serve.loras.store import LoraStore
 
-    adapters = PipelineAdapters(pipe, family, fuse_single=args.fuse)
+    adapters = PipelineAdapters(pipe, family, fuse_single=args.fuse, max_adapters=args.slots)
     store = LoraStore(str(lora_root))
 
     def read(name: str) -> bytes:
         return store.read_bytes(store.resolve(name))
 
-    def cold_load(name: str, adapter_name: str) -> None:
-        """As a replica loads a file it does not hold: read, parse, check, inject."""
+    def checked(name: str) -> dict:
+        """As a replica reads a file it does not hold: read, parse, check."""
         tensors, metadata = parse_lora_file(read(name), name)
         tensors = apply_metadata_alpha(tensors, metadata, name)
         adapters.check(tensors, name)
-        adapters.load(adapter_name, tensors, name)
+        return tensors
+
+    def cold_load(name: str, adapter_name: str) -> None:
+        """A fresh load: new layers (load_lora_weights)."""
+        adapters.load(adapter_name, checked(name), name)
+
+    def evict_and_load(evicted: str, name: str) -> str:
+        """As a replica with a full LRU loads a file it does not hold: the eviction keeps the
+        evicted adapter's layers as a free slot, and the file is copied into it when its
+        layout fits (a fresh load otherwise)."""
+        adapters.release(evicted)
+        return adapters.load_reusing(checked(name), name)[0]
 
     log("in process: base, one adapter, switches, cold loads")
     generate(pipe, family, args, 0)  # warm-up: first calls allocate and pick kernels
     pristine = [timed_ms(lambda: generate(pipe, family, args, 1)) for _ in range(args.repeats)]
 
-    # Cold loads of files not yet seen, each against reading the same file's bytes.
-    read_ms, cold_ms = [], []
+    # Cold loads of files not yet seen, each against reading the same file's bytes: fresh,
+    # then through an eviction into the evicted adapter's free slot.
+    read_ms, fresh_ms, cold_ms = [], [], []
     for i in range(args.repeats):
         name = names[-1 - i]
         read_ms.append(timed_ms(lambda name=name: read(name)))
-        cold_ms.append(timed_ms(lambda name=name: cold_load(name, "cold")))
+        fresh_ms.append(timed_ms(lambda name=name: cold_load(name, "cold")))
         adapters.delete("cold")
+    loaded = [adapters.load_reusing(checked(names[-1]), names[-1])[0]]
+    for i in range(args.repeats):
+        name = names[-2 - i]
+        cold_ms.append(
+            timed_ms(lambda name=name: loaded.append(evict_and_load(loaded.pop(), name)))
+        )
+    adapters.delete(loaded.pop())
 
     # Two hot adapters; rounds of base, first, repeat, switch, interleaved against drift.
     cold_load(names[0], "a")
@@ -291,9 +317,7 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
     # Memory: an LRU of `slots` adapters, warmed, then `swaps` evict-and-load cycles.
     adapters.delete("a")
     adapters.delete("b")
-    hot = [f"slot{i}" for i in range(args.slots)]
-    for i, adapter_name in enumerate(hot):
-        cold_load(names[i], adapter_name)
+    hot = [adapters.load_reusing(checked(names[i]), names[i])[0] for i in range(args.slots)]
 
     def settle() -> float:
         adapters.activate([ActiveAdapter(hot[-1], 1.0, 1.0)])
@@ -306,11 +330,8 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
     rss_warm = settle()
     swap_ms = []
     for i in range(args.swaps):
-        adapters.delete(hot.pop(0))
-        adapter_name = f"swap{i}"
         name = names[(args.slots + i) % len(names)]
-        swap_ms.append(timed_ms(lambda n=name, a=adapter_name: cold_load(n, a)))
-        hot.append(adapter_name)
+        swap_ms.append(timed_ms(lambda n=name: hot.append(evict_and_load(hot.pop(0), n))))
         if (i + 1) % 100 == 0:
             log(f"in process: {i + 1} swaps, median {statistics.median(swap_ms):.0f} ms")
     rss_swapped = settle()
@@ -323,6 +344,7 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
     figures["switch_over_repeat"] = median(switch) / median(repeat)
     figures["switch_activation_over_generation"] = median(activation) / median(repeat)
     figures["cold_load_over_read"] = median(cold_ms) / median(read_ms)
+    figures["cold_load_fresh_over_read"] = median(fresh_ms) / median(read_ms)
     figures["rss_after_swaps_over_warmup"] = rss_swapped / rss_warm
     details["in_process_ms"] = {
         "base_no_lora_layers": round(median(pristine), 1),
@@ -333,6 +355,7 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
         "switch_activation": round(median(activation), 2),
         "read_file": round(median(read_ms), 2),
         "cold_load": round(median(cold_ms), 1),
+        "cold_load_fresh": round(median(fresh_ms), 1),
         "swap_median": round(median(swap_ms), 1) if swap_ms else None,
     }
     details["rss_mb"] = {"after_warmup": round(rss_warm, 1), "after_swaps": round(rss_swapped, 1)}

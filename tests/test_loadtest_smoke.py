@@ -81,6 +81,7 @@ def test_bench_and_locust_write_reports_without_failures(tmp_path):
         "adapter_over_base",
         "switch_over_repeat",
         "cold_load_over_read",
+        "cold_load_fresh_over_read",
         "loraplex_over_naive_throughput",
         "http_over_in_process",
         "loads_per_distinct_adapter",
