@@ -36,7 +36,6 @@ Writes bench.json and bench.md under `--out` (loadtest/reports by default).
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -239,126 +238,23 @@ def timed_ms(action) -> float:
 
 
 def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
-    from deployments.adapters import ActiveAdapter, PipelineAdapters
     from deployments.base import _resident_memory_mb
-    from serve.loras.files import parse_lora_file
-    from serve.loras.formats import apply_metadata_alpha
-    from serve.loras.store import LoraStore
+    from loadtest.in_process import Rounds, measure_adapters
 
-    adapters = PipelineAdapters(pipe, family, fuse_single=args.fuse, max_adapters=args.slots)
-    store = LoraStore(str(lora_root))
-
-    def read(name: str) -> bytes:
-        return store.read_bytes(store.resolve(name))
-
-    def checked(name: str) -> dict:
-        """As a replica reads a file it does not hold: read, parse, check."""
-        tensors, metadata = parse_lora_file(read(name), name)
-        tensors = apply_metadata_alpha(tensors, metadata, name)
-        adapters.check(tensors, name)
-        return tensors
-
-    def cold_load(name: str, adapter_name: str) -> None:
-        """A fresh load: new layers (load_lora_weights)."""
-        adapters.load(adapter_name, checked(name), name)
-
-    def evict_and_load(evicted: str, name: str) -> str:
-        """As a replica with a full LRU loads a file it does not hold: the eviction keeps the
-        evicted adapter's layers as a free slot, and the file is copied into it when its
-        layout fits (a fresh load otherwise)."""
-        adapters.release(evicted)
-        return adapters.load_reusing(checked(name), name)[0]
-
-    log("in process: base, one adapter, switches, cold loads")
-    generate(pipe, family, args, 0)  # warm-up: first calls allocate and pick kernels
-    pristine = [timed_ms(lambda: generate(pipe, family, args, 1)) for _ in range(args.repeats)]
-
-    # Cold loads of files not yet seen, each against reading the same file's bytes: fresh,
-    # then through an eviction into the evicted adapter's free slot.
-    read_ms, fresh_ms, cold_ms = [], [], []
-    for i in range(args.repeats):
-        name = names[-1 - i]
-        read_ms.append(timed_ms(lambda name=name: read(name)))
-        fresh_ms.append(timed_ms(lambda name=name: cold_load(name, "cold")))
-        adapters.delete("cold")
-    loaded = [adapters.load_reusing(checked(names[-1]), names[-1])[0]]
-    for i in range(args.repeats):
-        name = names[-2 - i]
-        cold_ms.append(
-            timed_ms(lambda name=name: loaded.append(evict_and_load(loaded.pop(), name)))
-        )
-    adapters.delete(loaded.pop())
-
-    # Two hot adapters; rounds of base, first, repeat, switch, interleaved against drift.
-    cold_load(names[0], "a")
-    cold_load(names[1], "b")
-    one_a, one_b = [ActiveAdapter("a", 1.0, 1.0)], [ActiveAdapter("b", 1.0, 1.0)]
-
-    def request(active):
-        adapters.activate(active)
-        generate(pipe, family, args, 1)
-
-    def fusing(fuse: bool) -> None:
-        adapters.fuse_single = fuse
-        adapters.activate([])  # the next activation applies `fuse`
-
-    base, unfused, repeat, switch, activation = [], [], [], [], []
-    for _ in range(args.repeats):
-        fusing(False)
-        base.append(timed_ms(lambda: request([])))
-        request(one_a)
-        unfused.append(timed_ms(lambda: request(one_a)))
-        fusing(args.fuse)
-        request(one_a)
-        repeat.append(timed_ms(lambda: request(one_a)))
-        switch.append(timed_ms(lambda: request(one_b)))
-        activation.append(timed_ms(lambda: adapters.activate(one_a)))
-
-    # Memory: an LRU of `slots` adapters, warmed, then `swaps` evict-and-load cycles.
-    adapters.delete("a")
-    adapters.delete("b")
-    hot = [adapters.load_reusing(checked(names[i]), names[i])[0] for i in range(args.slots)]
-
-    def settle() -> float:
-        adapters.activate([ActiveAdapter(hot[-1], 1.0, 1.0)])
-        generate(pipe, family, args, 1)
-        gc.collect()
-        return _resident_memory_mb()
-
-    log(f"in process: {args.swaps} swaps")
-    settle()
-    rss_warm = settle()
-    swap_ms = []
-    for i in range(args.swaps):
-        name = names[(args.slots + i) % len(names)]
-        swap_ms.append(timed_ms(lambda n=name: hot.append(evict_and_load(hot.pop(0), n))))
-        if (i + 1) % 100 == 0:
-            log(f"in process: {i + 1} swaps, median {statistics.median(swap_ms):.0f} ms")
-    rss_swapped = settle()
-    adapters.activate([])  # puts fused base weights back
-    pipe.unload_lora_weights()  # back to the bare model for the HTTP comparisons
-
-    median = statistics.median
-    figures["adapter_over_base"] = median(repeat) / median(base)
-    figures["unfused_adapter_over_base"] = median(unfused) / median(base)
-    figures["switch_over_repeat"] = median(switch) / median(repeat)
-    figures["switch_activation_over_generation"] = median(activation) / median(repeat)
-    figures["cold_load_over_read"] = median(cold_ms) / median(read_ms)
-    figures["cold_load_fresh_over_read"] = median(fresh_ms) / median(read_ms)
-    figures["rss_after_swaps_over_warmup"] = rss_swapped / rss_warm
-    details["in_process_ms"] = {
-        "base_no_lora_layers": round(median(pristine), 1),
-        "base_adapters_loaded_inactive": round(median(base), 1),
-        "one_adapter_repeat": round(median(repeat), 1),
-        "one_adapter_repeat_unfused": round(median(unfused), 1),
-        "one_adapter_switch": round(median(switch), 1),
-        "switch_activation": round(median(activation), 2),
-        "read_file": round(median(read_ms), 2),
-        "cold_load": round(median(cold_ms), 1),
-        "cold_load_fresh": round(median(fresh_ms), 1),
-        "swap_median": round(median(swap_ms), 1) if swap_ms else None,
-    }
-    details["rss_mb"] = {"after_warmup": round(rss_warm, 1), "after_swaps": round(rss_swapped, 1)}
+    rounds = Rounds(repeats=args.repeats, swaps=args.swaps, slots=args.slots, fuse=args.fuse)
+    measured, times = measure_adapters(
+        pipe,
+        family,
+        lora_root,
+        names,
+        rounds,
+        generate=lambda: generate(pipe, family, args, 1),
+        memory_mb=_resident_memory_mb,
+    )
+    measured["rss_after_swaps_over_warmup"] = measured.pop("memory_after_swaps_over_warmup")
+    figures.update(measured)
+    details["in_process_ms"] = times["in_process_ms"]
+    details["rss_mb"] = times["memory_mb"]
 
 
 # Over HTTP ------------------------------------------------------------------------------------

@@ -13,8 +13,10 @@ replica runs (`PipelineAdapters`), and writes gpu_adapters.json and .md with the
   - one active adapter (rank 16, attention and MLP), fused and unfused / base;
   - a request switching between two hot adapters / one repeating an adapter;
   - the switch's activation alone / one generation;
-  - cold load (read, parse, check, inject, on the device) / reading the file's bytes;
+  - cold load as a replica with a full LRU makes it (evict, copy into the free slot) and fresh
+    (new layers), each / reading the file's bytes;
   - device memory after `--swaps` evict-and-load cycles / after warm-up.
+The measurements are loadtest/in_process.py's, the ones `make bench` takes on a CPU.
 No Ray and no HTTP: the GPU machine this runs on may have neither.
 """
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -57,8 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=28, help="FLUX.1-dev's default")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3, help="rounds for each median")
-    parser.add_argument("--cold-loads", type=int, default=5, help="files loaded cold, timed")
-    parser.add_argument("--swaps", type=int, default=20, help="evict-and-load cycles")
+    parser.add_argument("--swaps", type=int, default=20, help="evict-and-load cycles, then memory")
     parser.add_argument("--slots", type=int, default=4, help="hot adapters during the swaps")
     parser.add_argument("--out", default="loadtest/reports/gpu")
     return parser.parse_args(argv)
@@ -101,55 +101,29 @@ def main(argv=None) -> dict:
     import diffusers
     import torch
 
-    from deployments.adapters import ActiveAdapter, PipelineAdapters
     from deployments.family import get_family
     from loadtest.bench import ATTENTION_MLP_TARGETS
-    from serve.loras.files import parse_lora_file
-    from serve.loras.formats import apply_metadata_alpha
-    from serve.loras.store import LoraStore
+    from loadtest.in_process import Rounds, measure_adapters
     from serve.loras.synthetic import lora_tensors, write_lora
 
     diffusers.utils.logging.set_verbosity_error()
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
+    on_gpu = args.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
         raise SystemExit("gpu_adapters: no CUDA device here (use --device cpu --small for a smoke)")
     started = time.perf_counter()
     pipe = build_pipeline(args)
-    family = get_family("flux")
     side = IMAGE_TOKENS_SIDE * pipe.vae_scale_factor * 2 // (4 if args.small else 1)
     log(f"pipeline built in {time.perf_counter() - started:.0f} s; latent grid {side} px")
 
     lora_root = Path(tempfile.mkdtemp(prefix="loraplex-gpu-"))
     names = []
-    for i in range(max(args.cold_loads, args.slots) + args.swaps + 2):
+    for i in range(max(args.repeats + 2, args.slots + 1)):
         tensors = lora_tensors(pipe.transformer, "transformer", i, args.rank, ATTENTION_MLP_TARGETS)
         name = f"gpu-{i:02d}.safetensors"
         write_lora(lora_root / name, {k: v.to(torch.bfloat16) for k, v in tensors.items()})
         names.append(name)
     file_mb = (lora_root / names[0]).stat().st_size / 1e6
     log(f"{len(names)} adapters of {file_mb:.1f} MB written")
-
-    store = LoraStore(str(lora_root))
-    adapters = PipelineAdapters(pipe, family, fuse_single=True)
-
-    def sync():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-
-    def timed_ms(action) -> float:
-        sync()
-        begun = time.perf_counter()
-        action()
-        sync()
-        return (time.perf_counter() - begun) * 1000
-
-    def read(name: str) -> bytes:
-        return store.read_bytes(store.resolve(name))
-
-    def cold_load(name: str, adapter_name: str) -> None:
-        tensors, metadata = parse_lora_file(read(name), name)
-        tensors = apply_metadata_alpha(tensors, metadata, name)
-        adapters.check(tensors, name)
-        adapters.load(adapter_name, tensors, name)
 
     def generate() -> None:
         generator = torch.Generator(device="cpu").manual_seed(1)
@@ -164,102 +138,28 @@ def main(argv=None) -> dict:
                 output_type="latent",
             )
 
-    def request(active) -> None:
-        adapters.activate(active)
-        generate()
+    def device_memory_mb() -> float:
+        return torch.cuda.memory_allocated() / 2**20 if on_gpu else float("nan")
 
-    generate()  # warm-up: kernels picked, memory pools filled
-    pristine = [timed_ms(generate) for _ in range(args.repeats)]
-    log(f"base generation {statistics.median(pristine):.0f} ms")
-
-    read_ms, cold_ms = [], []
-    for i in range(args.cold_loads):
-        name = names[-1 - i]
-        read_ms.append(timed_ms(lambda name=name: read(name)))
-        cold_ms.append(timed_ms(lambda name=name: cold_load(name, "cold")))
-        adapters.delete("cold")
-    log(f"cold load {statistics.median(cold_ms):.0f} ms, read {statistics.median(read_ms):.1f} ms")
-
-    cold_load(names[0], "a")
-    cold_load(names[1], "b")
-    one_a, one_b = [ActiveAdapter("a", 1.0, 1.0)], [ActiveAdapter("b", 1.0, 1.0)]
-
-    def fusing(fuse: bool) -> None:
-        adapters.fuse_single = fuse
-        adapters.activate([])  # the next activation applies `fuse`
-
-    base, unfused, repeat, switch, activation = [], [], [], [], []
-    for _ in range(args.repeats):
-        fusing(False)
-        base.append(timed_ms(lambda: request([])))
-        request(one_a)
-        unfused.append(timed_ms(lambda: request(one_a)))
-        fusing(True)
-        request(one_a)
-        repeat.append(timed_ms(lambda: request(one_a)))
-        switch.append(timed_ms(lambda: request(one_b)))
-        activation.append(timed_ms(lambda: adapters.activate(one_a)))
-    log(
-        f"rounds done: base {statistics.median(base):.0f} ms, fused {statistics.median(repeat):.0f}"
+    rounds = Rounds(repeats=args.repeats, swaps=args.swaps, slots=args.slots, fuse=True)
+    figures, details = measure_adapters(
+        pipe,
+        get_family("flux"),
+        lora_root,
+        names,
+        rounds,
+        generate=generate,
+        memory_mb=device_memory_mb,
+        sync=torch.cuda.synchronize if on_gpu else (lambda: None),
     )
-
-    adapters.activate([])
-    adapters.delete("a")
-    adapters.delete("b")
-    hot = [f"slot{i}" for i in range(args.slots)]
-    for i, adapter_name in enumerate(hot):
-        cold_load(names[i], adapter_name)
-
-    def device_mb() -> float:
-        adapters.activate([ActiveAdapter(hot[-1], 1.0, 1.0)])
-        generate()
-        if not args.device.startswith("cuda"):
-            return float("nan")
-        sync()
-        return torch.cuda.memory_allocated() / 2**20
-
-    memory_warm = device_mb()
-    swap_ms = []
-    for i in range(args.swaps):
-        adapters.delete(hot.pop(0))
-        adapter_name = f"swap{i}"
-        name = names[args.slots + i]
-        swap_ms.append(timed_ms(lambda n=name, a=adapter_name: cold_load(n, a)))
-        hot.append(adapter_name)
-    memory_swapped = device_mb()
-
-    median = statistics.median
-    figures = {
-        "adapter_over_base": median(repeat) / median(base),
-        "unfused_adapter_over_base": median(unfused) / median(base),
-        "switch_over_repeat": median(switch) / median(repeat),
-        "switch_activation_over_generation": median(activation) / median(repeat),
-        "cold_load_over_read": median(cold_ms) / median(read_ms),
-        "device_memory_after_swaps_over_warmup": memory_swapped / memory_warm,
-    }
-    details = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-        "transformer_params_b": round(
-            sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, 2
-        ),
-        "lora_file_mb": round(file_mb, 1),
-        "lora_layers": adapters.layer_count(hot[-1]),
-        "latent_grid_px": side,
-        "ms": {
-            "base_no_lora_layers": round(median(pristine), 1),
-            "base_adapters_loaded_inactive": round(median(base), 1),
-            "one_adapter_fused": round(median(repeat), 1),
-            "one_adapter_unfused": round(median(unfused), 1),
-            "switch_fused": round(median(switch), 1),
-            "switch_activation": round(median(activation), 2),
-            "read_file": round(median(read_ms), 2),
-            "cold_load": round(median(cold_ms), 1),
-            "swap_median": round(median(swap_ms), 1) if swap_ms else None,
-        },
-        "device_memory_mb": {"after_warmup": memory_warm, "after_swaps": memory_swapped},
-        "args": vars(args),
-        "total_s": round(time.perf_counter() - started, 1),
-    }
+    details.update(
+        device=torch.cuda.get_device_name() if on_gpu else "cpu",
+        transformer_params_b=round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, 2),
+        lora_file_mb=round(file_mb, 1),
+        latent_grid_px=side,
+        args=vars(args),
+        total_s=round(time.perf_counter() - started, 1),
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"figures": {k: round(v, 4) for k, v in figures.items()}, "details": details}

@@ -1,0 +1,182 @@
+"""The in-process half of the benchmark: adapter costs measured on the replica's own code.
+
+Shared by loadtest/bench.py (a CPU, beside its HTTP measurements) and loadtest/gpu_adapters.py
+(a GPU, at FLUX.1's size). No Ray and no HTTP here, so it runs where neither is installed."""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Rounds:
+    repeats: int
+    """Rounds for each median."""
+    swaps: int
+    """Evict-and-load cycles before memory is measured again."""
+    slots: int
+    """Hot adapters (the LRU) during the swaps."""
+    fuse: bool
+    """Measure "one adapter" with `fuse_single_adapter` on."""
+
+
+def log(message: str) -> None:
+    print(f"[in_process {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def measure_adapters(
+    pipe,
+    family,
+    lora_root: Path,
+    names: list[str],
+    rounds: Rounds,
+    generate: Callable[[], object],
+    memory_mb: Callable[[], float],
+    sync: Callable[[], None] = lambda: None,
+) -> tuple[dict[str, float], dict]:
+    """Ratios (figures) and the times behind them (details). `generate` makes one image with
+    whatever adapters are active; `memory_mb` reads the memory the swaps must not grow; `sync`
+    waits for queued device work, so a timer sees it. Leaves the pipeline without adapters."""
+    from deployments.adapters import ActiveAdapter, PipelineAdapters
+    from serve.loras.files import parse_lora_file
+    from serve.loras.formats import apply_metadata_alpha
+    from serve.loras.store import LoraStore
+
+    adapters = PipelineAdapters(pipe, family, fuse_single=rounds.fuse, max_adapters=rounds.slots)
+    store = LoraStore(str(lora_root))
+
+    def timed_ms(action) -> float:
+        sync()
+        started = time.perf_counter()
+        action()
+        sync()
+        return (time.perf_counter() - started) * 1000
+
+    def read(name: str) -> bytes:
+        return store.read_bytes(store.resolve(name))
+
+    def checked(name: str) -> dict:
+        """As a replica reads a file it does not hold: read, parse, check."""
+        tensors, metadata = parse_lora_file(read(name), name)
+        tensors = apply_metadata_alpha(tensors, metadata, name)
+        adapters.check(tensors, name)
+        return tensors
+
+    def cold_load(name: str, adapter_name: str) -> None:
+        """A fresh load: new layers (load_lora_weights)."""
+        adapters.load(adapter_name, checked(name), name)
+
+    def evict_and_load(evicted: str, name: str) -> str:
+        """As a replica with a full LRU loads a file it does not hold: the eviction keeps the
+        evicted adapter's layers as a free slot, and the file is copied into it when its
+        layout fits (a fresh load otherwise)."""
+        adapters.release(evicted)
+        return adapters.load_reusing(checked(name), name)[0]
+
+    log("base, one adapter, switches, cold loads")
+    generate()  # warm-up: first calls allocate and pick kernels
+    pristine = [timed_ms(generate) for _ in range(rounds.repeats)]
+
+    # Cold loads of files not yet seen, each against reading the same file's bytes: fresh,
+    # then through an eviction into the evicted adapter's free slot.
+    read_ms, fresh_ms, cold_ms = [], [], []
+    for i in range(rounds.repeats):
+        name = names[-1 - i]
+        read_ms.append(timed_ms(lambda name=name: read(name)))
+        fresh_ms.append(timed_ms(lambda name=name: cold_load(name, "cold")))
+        adapters.delete("cold")
+    loaded = [adapters.load_reusing(checked(names[-1]), names[-1])[0]]
+    for i in range(rounds.repeats):
+        name = names[-2 - i]
+        cold_ms.append(
+            timed_ms(lambda name=name: loaded.append(evict_and_load(loaded.pop(), name)))
+        )
+    adapters.delete(loaded.pop())
+
+    # Two hot adapters; rounds of base, first, repeat, switch, interleaved against drift.
+    cold_load(names[0], "a")
+    cold_load(names[1], "b")
+    one_a, one_b = [ActiveAdapter("a", 1.0, 1.0)], [ActiveAdapter("b", 1.0, 1.0)]
+
+    def request(active):
+        adapters.activate(active)
+        generate()
+
+    def fusing(fuse: bool) -> None:
+        adapters.fuse_single = fuse
+        adapters.activate([])  # the next activation applies `fuse`
+
+    base, unfused, repeat, switch, activation = [], [], [], [], []
+    for _ in range(rounds.repeats):
+        fusing(False)
+        base.append(timed_ms(lambda: request([])))
+        request(one_a)
+        unfused.append(timed_ms(lambda: request(one_a)))
+        fusing(rounds.fuse)
+        request(one_a)
+        repeat.append(timed_ms(lambda: request(one_a)))
+        switch.append(timed_ms(lambda: request(one_b)))
+        activation.append(timed_ms(lambda: adapters.activate(one_a)))
+
+    # Memory: an LRU of `slots` adapters, warmed, then `swaps` evict-and-load cycles.
+    adapters.delete("a")
+    adapters.delete("b")
+    hot = [adapters.load_reusing(checked(names[i]), names[i])[0] for i in range(rounds.slots)]
+
+    def settle() -> float:
+        adapters.activate([ActiveAdapter(hot[-1], 1.0, 1.0)])
+        generate()
+        gc.collect()
+        sync()
+        return memory_mb()
+
+    log(f"{rounds.swaps} swaps")
+    settle()
+    memory_warm = settle()
+    swap_ms = []
+    for i in range(rounds.swaps):
+        name = names[(rounds.slots + i) % len(names)]
+        swap_ms.append(timed_ms(lambda n=name: hot.append(evict_and_load(hot.pop(0), n))))
+        if (i + 1) % 100 == 0:
+            log(f"{i + 1} swaps, median {statistics.median(swap_ms):.0f} ms")
+    memory_swapped = settle()
+    layers = adapters.layer_count(hot[-1])
+    adapters.activate([])  # puts fused base weights back
+    pipe.unload_lora_weights()  # back to the bare model
+
+    median = statistics.median
+    figures = {
+        "adapter_over_base": median(repeat) / median(base),
+        "unfused_adapter_over_base": median(unfused) / median(base),
+        "switch_over_repeat": median(switch) / median(repeat),
+        "switch_activation_over_generation": median(activation) / median(repeat),
+        "cold_load_over_read": median(cold_ms) / median(read_ms),
+        "cold_load_fresh_over_read": median(fresh_ms) / median(read_ms),
+        "memory_after_swaps_over_warmup": memory_swapped / memory_warm,
+    }
+    details = {
+        "in_process_ms": {
+            "base_no_lora_layers": round(median(pristine), 1),
+            "base_adapters_loaded_inactive": round(median(base), 1),
+            "one_adapter_repeat": round(median(repeat), 1),
+            "one_adapter_repeat_unfused": round(median(unfused), 1),
+            "one_adapter_switch": round(median(switch), 1),
+            "switch_activation": round(median(activation), 2),
+            "read_file": round(median(read_ms), 2),
+            "cold_load": round(median(cold_ms), 1),
+            "cold_load_fresh": round(median(fresh_ms), 1),
+            "swap_median": round(median(swap_ms), 1) if swap_ms else None,
+        },
+        "memory_mb": {
+            "after_warmup": round(memory_warm, 1),
+            "after_swaps": round(memory_swapped, 1),
+        },
+        "lora_layers": layers,
+    }
+    return figures, details
