@@ -16,10 +16,8 @@ from deployments.family import get_family
 from serve.errors import LoraIncompatible
 from serve.loras.files import parse_lora_file
 from tests.lora_files import lora_tensors, write_lora
-from tests.test_adapters import kohya_flux
+from tests.test_adapters import image, kohya_flux, on, with_adapters
 
-PROMPT = "a lighthouse on a cliff"
-SMALL = {"width": 64, "height": 64, "num_inference_steps": 2}
 CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 MAX_ADAPTERS = 2
 
@@ -74,33 +72,13 @@ def loaded(pipe) -> set[str]:
     return {name for names in pipe.get_list_adapters().values() for name in names}
 
 
-def image(pipe, seed: int = 0) -> np.ndarray:
-    with torch.inference_mode():
-        result = pipe(
-            PROMPT,
-            **SMALL,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="np",
-        )
-    return result.images[0]
-
-
-def rendered(adapters, *active: ActiveAdapter) -> np.ndarray:
-    adapters.activate(list(active))
-    return image(adapters.pipe)
-
-
-def on(name: str, strength: float = 1.0, clip_strength: float = 1.0) -> ActiveAdapter:
-    return ActiveAdapter(name, strength, clip_strength)
-
-
 def fresh_image(pipe, tensors, *strengths: tuple[float, float], fuse: bool = False):
     """The image of a fresh load of `tensors` into a pipeline holding no other adapter."""
     for name in loaded(pipe):
         pipe.delete_adapters([name])
     adapters = PipelineAdapters(pipe, get_family("flux"), fuse_single=fuse)
     adapters.load("fresh", tensors, "fresh")
-    images = [rendered(adapters, on("fresh", *strength)) for strength in strengths]
+    images = [with_adapters(adapters, on("fresh", *strength)) for strength in strengths]
     adapters.delete("fresh")
     return images
 
@@ -118,15 +96,15 @@ def lora_parameters(pipe) -> int:
 def test_a_recycled_slot_gives_the_bytes_of_a_fresh_load(pipe, files, base, fuse):
     adapters = PipelineAdapters(pipe, get_family("flux"), fuse, max_adapters=MAX_ADAPTERS)
     first, _ = adapters.load_reusing(files["a"], "a")
-    rendered(adapters, on(first, 0.6, 0.8))  # leaves scales (and fused weights) behind
+    with_adapters(adapters, on(first, 0.6, 0.8))  # leaves scales (and fused weights) behind
     adapters.release(first)
     assert adapters.free_slots() == [first]
     slot, layers = adapters.load_reusing(files["b"], "b")
     assert slot == first and adapters.free_slots() == []
     assert layers == len(files["b"]) // 2
-    recycled = [rendered(adapters, on(slot, *s)) for s in ((1.0, 1.0), (0.5, 0.7))]
-    zero = rendered(adapters, on(slot, 0.0, 0.0))
-    after = rendered(adapters)
+    recycled = [with_adapters(adapters, on(slot, *s)) for s in ((1.0, 1.0), (0.5, 0.7))]
+    zero = with_adapters(adapters, on(slot, 0.0, 0.0))
+    after = with_adapters(adapters)
     adapters.delete(slot)
     assert np.array_equal(zero, base)
     assert np.array_equal(after, base)
@@ -143,15 +121,15 @@ def test_recycled_slot_stacks_with_another_adapter_and_block_weights(adapters, p
     slot, _ = adapters.load_reusing(files["c"], "c")
     assert slot == evicted
     scales = adapters.block_scales({"transformer_blocks": 0.0}, "block_weights")
-    both = rendered(adapters, on(hot, 0.7), on(slot, 0.9))
-    blocks = rendered(adapters, ActiveAdapter(slot, 1.0, 1.0, scales))
+    both = with_adapters(adapters, on(hot, 0.7), on(slot, 0.9))
+    blocks = with_adapters(adapters, ActiveAdapter(slot, 1.0, 1.0, scales))
     for name in loaded(pipe):
         adapters.delete(name)
     fresh = PipelineAdapters(pipe, get_family("flux"))
     fresh.load("a", files["a"], "a")
     fresh.load("c", files["c"], "c")
-    assert np.array_equal(rendered(fresh, on("a", 0.7), on("c", 0.9)), both)
-    assert np.array_equal(rendered(fresh, ActiveAdapter("c", 1.0, 1.0, scales)), blocks)
+    assert np.array_equal(with_adapters(fresh, on("a", 0.7), on("c", 0.9)), both)
+    assert np.array_equal(with_adapters(fresh, ActiveAdapter("c", 1.0, 1.0, scales)), blocks)
 
 
 @pytest.mark.parametrize("other", ["partial", "rank8", "no_clip"])
@@ -164,7 +142,7 @@ def test_an_adapter_that_does_not_fit_the_slot_exactly_loads_freshly(adapters, p
     assert layers == len(files[other]) // 2
     # The fresh load went over the bound by one: the free slot is gone, not its weights reused.
     assert loaded(pipe) == {hot, name} and adapters.free_slots() == []
-    got = rendered(adapters, on(name))
+    got = with_adapters(adapters, on(name))
     assert np.array_equal(got, fresh_image(pipe, files[other], (1.0, 1.0))[0])
 
 
@@ -193,7 +171,7 @@ def test_a_failed_load_leaves_the_slot_and_the_images_as_they_were(adapters, pip
     hot, _ = adapters.load_reusing(files["a"], "a")
     evicted, _ = adapters.load_reusing(files["b"], "b")
     adapters.release(evicted)
-    before = rendered(adapters, on(hot))
+    before = with_adapters(adapters, on(hot))
     state = (loaded(pipe), adapters.free_slots(), lora_parameters(pipe))
     # lora_B of rank 8 over lora_A of rank 4. (Not a wider lora_A: diffusers' Flux loader widens
     # the base layers for those before it fails, which the replica's check refuses first.)
@@ -208,12 +186,12 @@ def test_a_failed_load_leaves_the_slot_and_the_images_as_they_were(adapters, pip
         with pytest.raises(LoraIncompatible, match="Failed to load LoRA: bad: "):
             adapters.load_reusing(bad, "bad")
         assert (loaded(pipe), adapters.free_slots(), lora_parameters(pipe)) == state
-        assert np.array_equal(rendered(adapters, on(hot)), before)
-        assert np.array_equal(rendered(adapters), base)
+        assert np.array_equal(with_adapters(adapters, on(hot)), before)
+        assert np.array_equal(with_adapters(adapters), base)
     # The slot still fills exactly.
     slot, _ = adapters.load_reusing(files["c"], "c")
     assert slot == evicted
-    got = rendered(adapters, on(slot))
+    got = with_adapters(adapters, on(slot))
     assert np.array_equal(got, fresh_image(pipe, files["c"], (1.0, 1.0))[0])
 
 

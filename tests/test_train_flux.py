@@ -22,25 +22,27 @@ from tests.train_jobs import tiny_job, write_dataset
 
 
 def render(pipe, family: str, adapter: str | None = None, tensors=None, metadata=None):
-    """The tiny pipeline's image for a fixed prompt, with the adapter loaded when given."""
+    """The tiny pipeline's output for a fixed prompt (Wan: a one-frame video), as floats, with
+    the adapter loaded when given."""
     adapters = PipelineAdapters(pipe, get_family(family))
     if tensors is not None:
         adapters.load(adapter, apply_metadata_alpha(tensors, metadata), adapter)
         adapters.activate([ActiveAdapter(adapter, 1.0, 1.0)])
     else:
         adapters.activate([])
-    generator = torch.Generator().manual_seed(0)
-    image = pipe(
+    video = get_family(family).output == "video"
+    output = pipe(
         prompt="ohwx, a circle on grey",
         width=64,
         height=64,
         num_inference_steps=2,
-        generator=generator,
+        generator=torch.Generator().manual_seed(0),
         output_type="np",
-    ).images[0]
+        **({"num_frames": 1} if video else {}),
+    )
     if tensors is not None:
         adapters.delete(adapter)
-    return np.asarray(image, dtype=np.float32)
+    return np.asarray(output.frames[0] if video else output.images[0], dtype=np.float32)
 
 
 def load_published(job, name: str | None = None):

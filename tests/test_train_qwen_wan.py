@@ -6,39 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from cluster.train.run import run
 from deployments import load_pipeline
-from deployments.adapters import ActiveAdapter, PipelineAdapters
-from deployments.family import get_family
-from serve.loras.formats import apply_metadata_alpha
-from tests.test_train_flux import load_published
+from tests.test_train_flux import load_published, render
 from tests.train_jobs import tiny_job, write_dataset
-
-
-def render(pipe, family: str, adapter: str | None = None, tensors=None, metadata=None):
-    """The tiny pipeline's output for a fixed prompt (Wan: a one-frame video), as floats."""
-    adapters = PipelineAdapters(pipe, get_family(family))
-    if tensors is not None:
-        adapters.load(adapter, apply_metadata_alpha(tensors, metadata), adapter)
-        adapters.activate([ActiveAdapter(adapter, 1.0, 1.0)])
-    else:
-        adapters.activate([])
-    extra = {"num_frames": 1} if family == "wan" else {}
-    output = pipe(
-        prompt="ohwx, a circle on grey",
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-        **extra,
-    )
-    if tensors is not None:
-        adapters.delete(adapter)
-    media = output.frames[0] if family == "wan" else output.images[0]
-    return np.asarray(media, dtype=np.float32)
 
 
 # Wan's tiny transformer sees 2x2 tokens per 64-pixel image, so it takes more steps to fit.
