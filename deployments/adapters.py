@@ -122,18 +122,10 @@ class PipelineAdapters:
             ) from e
 
     def _count_matches(self, tensors: dict[str, torch.Tensor], label: str) -> int:
-        # Converters may scale the caller's tensors in place (diffusers' ComfyUI Wan converter
-        # does), and the same tensors are loaded next: convert copies.
-        copies = self._renamed({key: tensor.clone() for key, tensor in tensors.items()})
-        extra = {}
-        if getattr(self.pipe, "unet", None) is not None:
-            extra["unet_config"] = self.pipe.unet.config  # maps kohya SDXL's SGM block names
+        copies = self._copies(tensors)
         source_modules = sum(key.endswith(LORA_DOWN_SUFFIXES) for key in copies)
         try:
-            converted = self.pipe.lora_state_dict(copies, **extra)  # diffusers' format conversion
-            if isinstance(converted, tuple):
-                converted = converted[0]
-            converted = self._peft_layout(converted)
+            converted, _ = self._convert(copies)
         except Exception as e:
             raise LoraIncompatible(f"Failed to load LoRA: {label}: {_describe(e)}") from e
         matrices = [key for key in converted if ".lora_A." in key or ".lora_B." in key]
@@ -147,7 +139,7 @@ class PipelineAdapters:
         total = len(matrices) + dropped
         if matched == 0 or len(unmatched) + dropped > MAX_UNMATCHED_SHARE * total:
             if dropped and len(unmatched) < MAX_KEY_EXAMPLES:
-                unmatched += self._dropped_examples(copies, extra)
+                unmatched += self._dropped_examples(copies)
             examples = ", ".join((unmatched or list(tensors))[:MAX_KEY_EXAMPLES])
             lost = f" ({dropped} dropped by the format conversion)" if dropped else ""
             raise LoraIncompatible(
@@ -157,7 +149,7 @@ class PipelineAdapters:
             )
         return matched
 
-    def _dropped_examples(self, tensors: dict[str, torch.Tensor], extra: dict) -> list[str]:
+    def _dropped_examples(self, tensors: dict[str, torch.Tensor]) -> list[str]:
         """Down-matrix keys of modules that diffusers' conversion drops: each module converted
         on its own (only on the way to an error, so the cost does not matter)."""
         examples = []
@@ -169,7 +161,7 @@ class PipelineAdapters:
             prefixes = (f"{stem}.", f"{stem}_lora.")
             module = {k: v.clone() for k, v in tensors.items() if k.startswith(prefixes)}
             try:
-                converted = self.pipe.lora_state_dict(module, **extra)
+                converted = self.pipe.lora_state_dict(module, **self._conversion_kwargs())
                 converted = converted[0] if isinstance(converted, tuple) else converted
                 survived = any(".lora_A." in k or "down" in k for k in converted)
             except Exception:
@@ -179,6 +171,29 @@ class PipelineAdapters:
                 if len(examples) == MAX_KEY_EXAMPLES:
                     break
         return examples
+
+    def _copies(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Renamed copies of a file's tensors, to convert: converters may scale tensors in place
+        (diffusers' ComfyUI Wan converter does), and the caller's are loaded next."""
+        return self._renamed({key: tensor.clone() for key, tensor in tensors.items()})
+
+    def _conversion_kwargs(self) -> dict:
+        kwargs = {}
+        if getattr(self.pipe, "unet", None) is not None:
+            kwargs["unet_config"] = self.pipe.unet.config  # maps kohya SDXL's SGM block names
+        if "return_alphas" in inspect.signature(self.pipe.lora_state_dict).parameters:
+            kwargs["return_alphas"] = True  # Flux's reports kohya alphas only when asked
+        return kwargs
+
+    def _convert(self, copies: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
+        """diffusers' format conversion (`lora_state_dict`) of `_copies`, in the key layout peft
+        gives the loaded layers, and the network alphas it reports (kohya `.alpha`, which a
+        load turns into per-module scales; empty where none). Raises what diffusers raises."""
+        converted = self.pipe.lora_state_dict(copies, **self._conversion_kwargs())
+        alphas = None
+        if isinstance(converted, tuple):
+            converted, alphas = converted[0], converted[1]
+        return self._peft_layout(converted), alphas or {}
 
     def _renamed(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The file's keys in a layout diffusers converts, where the family needs a rename."""
@@ -330,21 +345,12 @@ class PipelineAdapters:
         does), when a fresh load would give plain LoRA layers at scale 1: no network alphas
         (kohya's `.alpha`, which diffusers turns into per-module scales), no DoRA, no bias, one
         rank per component. None when in doubt: the caller then loads freshly."""
-        copies = self._renamed({key: tensor.clone() for key, tensor in tensors.items()})
-        extra = {}
-        if getattr(self.pipe, "unet", None) is not None:
-            extra["unet_config"] = self.pipe.unet.config
-        if "return_alphas" in inspect.signature(self.pipe.lora_state_dict).parameters:
-            extra["return_alphas"] = True
         try:
-            converted = self.pipe.lora_state_dict(copies, **extra)
-            if isinstance(converted, tuple):
-                converted, network_alphas = converted[0], converted[1]
-                if network_alphas:
-                    return None
-            converted = self._peft_layout(converted)
+            converted, network_alphas = self._convert(self._copies(tensors))
         except Exception:
             return None  # the fresh load reports the error
+        if network_alphas:
+            return None
         ranks: dict[str, set[int]] = {}
         for key, tensor in converted.items():
             if not key.endswith((".lora_A.weight", ".lora_B.weight")) or tensor.ndim < 2:
