@@ -23,12 +23,14 @@ def test_job_trains_publishes_and_changes_the_output(ray_cluster, tmp_path, fami
         max_train_steps=steps,
         learning_rate=5e-2,
         export_kohya=True,
+        sample_prompts=["ohwx, a circle"],  # sampled once, at the end (Wan: one frame)
     )
     status = run(job)
     assert status.state == "SUCCEEDED", status.error
     assert status.step == steps and status.output_lora == f"character-{family}-test.safetensors"
     # On a fixed batch with fixed noise and timesteps, the trained LoRA fits clearly better.
     assert status.validation_loss < 0.8 * status.initial_validation_loss, status
+    assert status.samples == [f"step-{steps:06d}-0.png"]
 
     pipe = load_pipeline(family, f"tiny://{family}")
     base = render(pipe, family)

@@ -378,10 +378,14 @@ class Trainer:
                 cfg=defaults.cfg,
                 seed=self.config.seed,
                 adapters=[],
+                # A video family samples one frame: what it trains on, not a whole clip.
+                length=1 if self.family.output == "video" else None,
             )
             generator = torch.Generator(self.device).manual_seed(self.config.seed + index)
             with torch.no_grad():
-                result = self.pipe(**self.family.pipeline_kwargs(job), generator=generator)
+                result = self.pipe(
+                    **self.family.pipeline_kwargs(job), generator=generator, output_type="pil"
+                )  # video pipelines return arrays by default
             image = result.frames[0][0] if self.family.output == "video" else result.images[0]
             self.sample_files.append(progress.write_sample(self.run_dir, self.step, index, image))
 
