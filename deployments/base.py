@@ -19,7 +19,12 @@ import torch
 from ray import serve
 from ray.serve import metrics
 
-from deployments.adapters import ActiveAdapter, PipelineAdapters, adapter_name_for
+from deployments.adapters import (
+    ActiveAdapter,
+    PipelineAdapters,
+    PreparedAdapter,
+    adapter_name_for,
+)
 from deployments.batching import batch_key, batched_pipeline_kwargs
 from deployments.family import get_family
 from deployments.loading import load_pipeline
@@ -69,7 +74,7 @@ class DiffusionDeployment:
         self.remote = RemoteLoraCache(RemoteLoraConfig.model_validate(remote_loras or {}))
         self._lock = asyncio.Lock()
         self._hot: dict[str, str] = {}  # store key -> peft adapter name, in load order
-        self._staged: dict[str, dict[str, torch.Tensor]] = {}
+        self._staged: dict[str, PreparedAdapter] = {}
         self._loads = self._hits = self._evictions = 0
         self._batches_run = self._requests_batched = 0
 
@@ -253,9 +258,8 @@ class DiffusionDeployment:
                     adapter_name = self._hot.get(use.key)
                     if adapter_name is None:
                         adapter_name = adapter_name_for(f"merge:{use.key}")
-                        await asyncio.to_thread(
-                            self.adapters.load, adapter_name, staged[use.key], use.name
-                        )
+                        tensors = self.adapters.file_tensors(staged[use.key])
+                        await asyncio.to_thread(self.adapters.load, adapter_name, tensors, use.name)
                         temporary.append(adapter_name)
                     factors = adapter_factors(components, adapter_name, use.name)
                     weighted.append((factors, use.strength))
@@ -345,24 +349,20 @@ class DiffusionDeployment:
             self._report()
         return cache
 
-    def _read_adapter(self, use: AdapterUse) -> dict[str, torch.Tensor]:
+    def _read_adapter(self, use: AdapterUse) -> PreparedAdapter:
         name, _, version = use.key.rpartition("@")
         if use.url is not None:  # through the node's disk cache, checked again against config
             data = self.remote.fetch(use.url)
         else:
             data = self.store.read_bytes(LoraRef(name=name, version=version))
-        tensors, metadata = parse_lora_file(data, name)
-        tensors = apply_metadata_alpha(tensors, metadata, name)
-        self.adapters.check(tensors, name)
-        return tensors
+        return self.adapters.prepare(data, name)
 
     async def _load_adapter(self, key: str) -> HotAdapter:
         """The multiplexed loader: runs under `self._lock`, held by `_ensure_hot`'s caller."""
-        tensors = self._staged.pop(key)
-        label = key.rpartition("@")[0]
+        prepared = self._staged.pop(key)
         started = time.perf_counter()
         # Into an evicted adapter's layers when they fit (a free slot), else a fresh load.
-        adapter_name, _ = await asyncio.to_thread(self.adapters.load_reusing, tensors, label)
+        adapter_name, _ = await asyncio.to_thread(self.adapters.load_prepared, prepared)
         self._m_load_s.observe(time.perf_counter() - started)
         self._hot[key] = adapter_name
         self._loads += 1

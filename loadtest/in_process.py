@@ -44,8 +44,6 @@ def measure_adapters(
     whatever adapters are active; `memory_mb` reads the memory the swaps must not grow; `sync`
     waits for queued device work, so a timer sees it. Leaves the pipeline without adapters."""
     from deployments.adapters import ActiveAdapter, PipelineAdapters
-    from serve.loras.files import parse_lora_file
-    from serve.loras.formats import apply_metadata_alpha
     from serve.loras.store import LoraStore
 
     adapters = PipelineAdapters(pipe, family, fuse_single=rounds.fuse, max_adapters=rounds.slots)
@@ -61,23 +59,21 @@ def measure_adapters(
     def read(name: str) -> bytes:
         return store.read_bytes(store.resolve(name))
 
-    def checked(name: str) -> dict:
-        """As a replica reads a file it does not hold: read, parse, check."""
-        tensors, metadata = parse_lora_file(read(name), name)
-        tensors = apply_metadata_alpha(tensors, metadata, name)
-        adapters.check(tensors, name)
-        return tensors
+    def prepared(name: str):
+        """As a replica reads a file it does not hold: read, then parse and check (a file
+        layout seen before: neither, its bytes are ready to copy)."""
+        return adapters.prepare(read(name), name)
 
     def cold_load(name: str, adapter_name: str) -> None:
-        """A fresh load: new layers (load_lora_weights)."""
-        adapters.load(adapter_name, checked(name), name)
+        """A fresh load: the file parsed, new layers (load_lora_weights)."""
+        adapters.load(adapter_name, adapters.file_tensors(prepared(name)), name)
 
     def evict_and_load(evicted: str, name: str) -> str:
         """As a replica with a full LRU loads a file it does not hold: the eviction keeps the
         evicted adapter's layers as a free slot, and the file is copied into it when its
         layout fits (a fresh load otherwise)."""
         adapters.release(evicted)
-        return adapters.load_reusing(checked(name), name)[0]
+        return adapters.load_prepared(prepared(name))[0]
 
     log("base, one adapter, switches, cold loads")
     generate()  # warm-up: first calls allocate and pick kernels
@@ -91,7 +87,7 @@ def measure_adapters(
         read_ms.append(timed_ms(lambda name=name: read(name)))
         fresh_ms.append(timed_ms(lambda name=name: cold_load(name, "cold")))
         adapters.delete("cold")
-    loaded = [adapters.load_reusing(checked(names[-1]), names[-1])[0]]
+    loaded = [adapters.load_prepared(prepared(names[-1]))[0]]
     for i in range(rounds.repeats):
         name = names[-2 - i]
         cold_ms.append(
@@ -127,7 +123,7 @@ def measure_adapters(
     # Memory: an LRU of `slots` adapters, warmed, then `swaps` evict-and-load cycles.
     adapters.delete("a")
     adapters.delete("b")
-    hot = [adapters.load_reusing(checked(names[i]), names[i])[0] for i in range(rounds.slots)]
+    hot = [adapters.load_prepared(prepared(names[i]))[0] for i in range(rounds.slots)]
 
     def settle() -> float:
         adapters.activate([ActiveAdapter(hot[-1], 1.0, 1.0)])
@@ -136,15 +132,22 @@ def measure_adapters(
         sync()
         return memory_mb()
 
+    def swapped_in(i: int) -> str:
+        return names[(rounds.slots + i) % len(names)]
+
+    # Warm-up: each slot refilled once, which lays it out as the files' data (one buffer in
+    # place of a tensor per matrix; the allocator keeps the pages the old tensors held).
+    for i in range(rounds.slots):
+        hot.append(evict_and_load(hot.pop(0), swapped_in(i)))
     log(f"{rounds.swaps} swaps")
     settle()
     memory_warm = settle()
     swap_ms = []
-    for i in range(rounds.swaps):
-        name = names[(rounds.slots + i) % len(names)]
+    for i in range(rounds.slots, rounds.slots + rounds.swaps):
+        name = swapped_in(i)
         swap_ms.append(timed_ms(lambda n=name: hot.append(evict_and_load(hot.pop(0), n))))
-        if (i + 1) % 100 == 0:
-            log(f"{i + 1} swaps, median {statistics.median(swap_ms):.0f} ms")
+        if len(swap_ms) % 100 == 0:
+            log(f"{len(swap_ms)} swaps, median {statistics.median(swap_ms):.0f} ms")
     memory_swapped = settle()
     layers = adapters.layer_count(hot[-1])
     adapters.activate([])  # puts fused base weights back
