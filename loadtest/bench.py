@@ -12,9 +12,10 @@ In this process, with the replica's own code (PipelineAdapters, LoraStore):
   - generation with one active adapter / base generation;
   - a request that switches between two hot adapters / a request that repeats one;
   - a cold load of an adapter as a replica makes it once its LRU is full: evict the least
-    recently used adapter, keeping its layers as a free slot, then read, parse, check and copy
-    the new file into that slot / reading the file's bytes (and, for comparison, a fresh load:
-    read, parse, check, load_lora_weights building new layers);
+    recently used adapter, keeping its layers as a free slot, then read the new file and copy
+    its bytes into that slot (a layout seen before: no parse, no conversion) / reading the
+    file's bytes just before (and, for comparison, a fresh load: read, parse, check,
+    load_lora_weights building new layers; and a slot load through parse and conversion);
   - resident memory after `--swaps` adapter swaps (evict, load into the free slot) through an
     LRU of `--slots` / after warm-up.
 Over HTTP, against a Serve app started here (its own local Ray cluster, 127.0.0.1 only):
