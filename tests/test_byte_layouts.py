@@ -213,3 +213,26 @@ def test_switches_leave_every_layer_as_the_library_sets_it(pipe, made, fuse):
     finally:
         for name in loaded(pipe):
             adapters.delete(name)
+
+
+def test_a_half_precision_file_is_copied_matrix_by_matrix_into_a_float_slot(
+    adapters, pipe, tmp_path
+):
+    """Files in another dtype than the model's cannot be viewed in place: each matrix is cast
+    on its copy, to the state a fresh load of the same file gives."""
+    files = []
+    for seed in (81, 82, 83):
+        tensors = lora_tensors(pipe.transformer, "transformer", seed)
+        half = {key: tensor.half() for key, tensor in tensors.items()}
+        files.append((write_lora(tmp_path / f"{seed}.safetensors", half).read_bytes(), half))
+    name, _ = adapters.load_prepared(adapters.prepare(files[0][0], "first"))
+    for data, _ in files[1:]:
+        adapters.release(name)
+        prepared = adapters.prepare(data, "half")
+        name, _ = adapters.load_prepared(prepared)
+        assert prepared.layout is not None and name not in adapters._packed
+    recycled = adapter_state(adapters, name)
+    for adapter_name in loaded(pipe):
+        adapters.delete(adapter_name)
+    adapters.load("fresh", files[-1][1], "fresh")
+    assert same_state(recycled, adapter_state(adapters, "fresh"))
