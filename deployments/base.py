@@ -10,10 +10,12 @@ eviction therefore always waits for the generation in flight.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import resource
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from ray import serve
@@ -61,15 +63,16 @@ class DiffusionDeployment:
     def __init__(self, model: dict | ModelConfig, lora_root: str, remote_loras: dict | None = None):
         self.model = ModelConfig.model_validate(model)
         self.family = get_family(self.model.family)
-        self.pipe = load_pipeline(
-            self.model.family, self.model.model_uri, self.model.dtype, self.model.device
-        )
-        self.adapters = PipelineAdapters(
-            self.pipe,
-            self.family,
-            self.model.fuse_single_adapter,
-            max_adapters=self.model.max_adapters_per_replica,
-        )
+        # One thread runs all of this replica's tensor work: the pipeline's load, adapter
+        # loads, generations. torch's CPU kernels use GNU OpenMP, which gives each calling
+        # thread its own team of worker threads; once the teams outnumber the cores, every
+        # team stops spinning between parallel regions and sleeps, so each region pays a
+        # wake-up. Generations run from several threads were 22 to 35% slower on 2 cores
+        # (loadtest/bench.py's model, in process). Reading and checking files stays beside it
+        # (`_read_adapter`): a known layout touches no tensor, and LoRA matrices are below
+        # torch's size for a parallel copy on a CPU replica.
+        self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-torch")
+        self.pipe, self.adapters = self._torch.submit(self._load_pipeline).result()
         self.store = LoraStore(lora_root)
         self.remote = RemoteLoraCache(RemoteLoraConfig.model_validate(remote_loras or {}))
         self._lock = asyncio.Lock()
@@ -109,6 +112,24 @@ class DiffusionDeployment:
         self._m_gpu_s = metrics.Counter("loraplex_gpu_seconds", "GPU-seconds billed.")
         self._m_cost = metrics.Counter("loraplex_cost_usd", "USD billed.")
         self._report()
+
+    def _load_pipeline(self) -> tuple[object, PipelineAdapters]:
+        pipe = load_pipeline(
+            self.model.family, self.model.model_uri, self.model.dtype, self.model.device
+        )
+        adapters = PipelineAdapters(
+            pipe,
+            self.family,
+            self.model.fuse_single_adapter,
+            max_adapters=self.model.max_adapters_per_replica,
+        )
+        return pipe, adapters
+
+    async def _in_torch_thread(self, work, *args):
+        """`work(*args)` on the replica's tensor thread (see `__init__`)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._torch, functools.partial(work, *args)
+        )
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         job = self._resolve_job(job)
@@ -159,7 +180,9 @@ class DiffusionDeployment:
                 raise asyncio.CancelledError
             cache = await self._ensure_hot(job.adapters, staged)
             active = self._active_for(job)
-            image, inference_ms = await asyncio.to_thread(self._render, job, active, interrupted)
+            image, inference_ms = await self._in_torch_thread(
+                self._render, job, active, interrupted
+            )
         return image, inference_ms, cache
 
     async def _generate_batched(self, job: GenerationJob, staged: dict):
@@ -213,7 +236,7 @@ class DiffusionDeployment:
             # from here to the end of the call no adapter of the group can go.
             await self._ensure_hot(jobs[0].adapters, {}, count=False)
             active = self._active_for(jobs[0])
-            return await asyncio.to_thread(self._render_jobs, jobs, active, threading.Event())
+            return await self._in_torch_thread(self._render_jobs, jobs, active, threading.Event())
 
     def _active_for(self, job: GenerationJob) -> list[ActiveAdapter]:
         """The job's stack as the pipeline activates it (its adapters must be hot)."""
@@ -237,7 +260,7 @@ class DiffusionDeployment:
             tensors = apply_metadata_alpha(tensors, metadata, name)
             return self.adapters.check(tensors, name)
 
-        return await asyncio.to_thread(check)
+        return await self._in_torch_thread(check)
 
     async def merge_loras(self, inputs: list[tuple[str, float]], trigger_words: list[str]) -> bytes:
         """One `.safetensors` file that applies the stack of `inputs` (store key, ratio) at
@@ -259,18 +282,23 @@ class DiffusionDeployment:
                     if adapter_name is None:
                         adapter_name = adapter_name_for(f"merge:{use.key}")
                         tensors = self.adapters.file_tensors(staged[use.key])
-                        await asyncio.to_thread(self.adapters.load, adapter_name, tensors, use.name)
+                        await self._in_torch_thread(
+                            self.adapters.load, adapter_name, tensors, use.name
+                        )
                         temporary.append(adapter_name)
-                    factors = adapter_factors(components, adapter_name, use.name)
+                    factors = await self._in_torch_thread(
+                        adapter_factors, components, adapter_name, use.name
+                    )
                     weighted.append((factors, use.strength))
             finally:
                 for adapter_name in temporary:
                     self.adapters.delete(adapter_name)
-        tensors = concatenate(weighted)
         sources = [(use.name, use.strength) for use in uses]
-        return await asyncio.to_thread(
-            merged_file, tensors, self.family.name, sources, trigger_words
-        )
+
+        def merged() -> bytes:
+            return merged_file(concatenate(weighted), self.family.name, sources, trigger_words)
+
+        return await self._in_torch_thread(merged)
 
     def describe(self) -> dict:
         """This replica's state, as /models shows it."""
@@ -293,6 +321,9 @@ class DiffusionDeployment:
         self._report()
 
     def __del__(self):
+        executor = getattr(self, "_torch", None)
+        if executor is not None:
+            executor.shutdown(wait=False)
         registry = getattr(self, "_registry", None)
         if registry is not None:
             registry.remove.remote(self.replica_id)
@@ -362,7 +393,7 @@ class DiffusionDeployment:
         prepared = self._staged.pop(key)
         started = time.perf_counter()
         # Into an evicted adapter's layers when they fit (a free slot), else a fresh load.
-        adapter_name, _ = await asyncio.to_thread(self.adapters.load_prepared, prepared)
+        adapter_name, _ = await self._in_torch_thread(self.adapters.load_prepared, prepared)
         self._m_load_s.observe(time.perf_counter() - started)
         self._hot[key] = adapter_name
         self._loads += 1
