@@ -347,7 +347,7 @@ class PipelineAdapters:
         nor converted again: its bytes load straight into a free slot (`byte_layouts`). Safe to
         call beside a generation."""
         header_len = byte_layouts.header_length(data) if len(data) >= 8 else 0
-        raw_key = data[8 : 8 + header_len] if 0 < header_len <= MAX_HEADER_BYTES else None
+        raw_key = bytes(data[8 : 8 + header_len]) if 0 < header_len <= MAX_HEADER_BYTES else None
         layout = self._known_layout(raw_key, data)
         if layout is not None:
             return PreparedAdapter(label, data, layout=layout)
