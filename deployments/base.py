@@ -67,7 +67,7 @@ class DiffusionDeployment:
         # loads, generations. torch's CPU kernels use GNU OpenMP, which gives each calling
         # thread its own team of worker threads; once the teams outnumber the cores, every
         # team stops spinning between parallel regions and sleeps, so each region pays a
-        # wake-up. Generations run from several threads were 22 to 35% slower on 2 cores
+        # wake-up. Generations run from several threads were 22 to 33% slower on 2 cores
         # (loadtest/bench.py's model, in process). Reading and checking files stays beside it
         # (`_read_adapter`): a known layout touches no tensor, and LoRA matrices are below
         # torch's size for a parallel copy on a CPU replica.
