@@ -46,11 +46,14 @@ from deployments.blocks import BlockLayout, BlockScales
 from deployments.byte_layouts import ByteLayout
 from deployments.family import Family, detect_lora_family
 from serve.errors import LoraIncompatible
-from serve.loras.files import MAX_HEADER_BYTES, parse_lora_file, read_header
+from serve.loras.files import parse_lora_file, read_header
 from serve.loras.formats import adapter_configs, apply_metadata_alpha
 
 MAX_KEY_EXAMPLES = 3
 MAX_BYTE_LAYOUTS = 256  # file layouts remembered per pipeline (`prepare`), least recent dropped
+# Headers up to this size are also remembered whole, as the fastest key; longer ones (kohya's
+# metadata can be large) only by their tensor entries, so the keys stay small.
+MAX_RAW_KEY_BYTES = 256 * 1024
 SLOT_NAME_PREFIX = "lx_slot"  # adapters loaded through `load_reusing`
 # Converters drop what they cannot place, so a few leftovers are tolerated; more means the file
 # was made for another model, and loading it would silently change less than its author meant.
@@ -347,7 +350,7 @@ class PipelineAdapters:
         nor converted again: its bytes load straight into a free slot (`byte_layouts`). Safe to
         call beside a generation."""
         header_len = byte_layouts.header_length(data) if len(data) >= 8 else 0
-        raw_key = bytes(data[8 : 8 + header_len]) if 0 < header_len <= MAX_HEADER_BYTES else None
+        raw_key = bytes(data[8 : 8 + header_len]) if 0 < header_len <= MAX_RAW_KEY_BYTES else None
         layout = self._known_layout(raw_key, data)
         if layout is not None:
             return PreparedAdapter(label, data, layout=layout)

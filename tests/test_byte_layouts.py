@@ -236,3 +236,21 @@ def test_a_half_precision_file_is_copied_matrix_by_matrix_into_a_float_slot(
         adapters.delete(adapter_name)
     adapters.load("fresh", files[-1][1], "fresh")
     assert same_state(recycled, adapter_state(adapters, "fresh"))
+
+
+def test_files_whose_metadata_differs_share_a_layout_by_their_entries(adapters, made, pipe):
+    """Another trainer's note in the metadata changes the header's bytes, not where the
+    matrices lie: the second file is found by its tensor entries, not parsed."""
+    evicted_slot(adapters, made, 1)
+    first, _ = made(91, {"ss_output_name": "first"})
+    second, tensors = made(92, {"ss_output_name": "other"})  # the same header length
+    header_end = 8 + int.from_bytes(first[:8], "little")
+    assert first[:8] == second[:8] and first[8:header_end] != second[8:header_end]
+    adapters.prepare(first, "first")
+    prepared = adapters.prepare(second, "second")
+    assert prepared.layout is not None and prepared.tensors is None
+    name, _ = adapters.load_prepared(prepared)
+    state = adapter_state(adapters, name)
+    for key, tensor in tensors.items():
+        path, _, kind = key.removesuffix(".weight").rpartition(".")
+        assert torch.equal(state[f"{path}.{kind}"], tensor)
