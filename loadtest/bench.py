@@ -119,6 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=32, help="timed Zipf requests")
     parser.add_argument("--warmup-requests", type=int, default=16, help="untimed, before them")
     parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
+    parser.add_argument(
+        "--http-requests", type=int, default=11, help="rounds of HTTP against in process"
+    )
     parser.add_argument("--affinity-adapters", type=int, default=12)
     parser.add_argument("--affinity-requests", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=4, help="max_batch_size, batched app")
@@ -147,6 +150,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.swaps, args.requests, args.warmup_requests = 2, 10, 6, 2
+        args.http_requests = 2
         args.affinity_adapters, args.affinity_requests, args.size = 4, 6, 128
         args.batch_requests, args.batch_rounds = 8, 1
     return args
@@ -368,10 +372,11 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
     try:
         with httpx.Client(base_url=url, timeout=600) as client:
             deploy("bench", model_dir, lora_root, args, 1, bench_models(args))
-            check(post(client, {**body, "seed": 7})[1])  # warm-up
+            for _ in range(3):  # warm-up: a new replica's first calls grow its allocator
+                check(post(client, {**body, "seed": 7})[1])
 
             http_ms, local_ms, same_bytes = [], [], True
-            for _ in range(args.repeats):
+            for _ in range(args.http_requests):
                 elapsed_ms, response = post(client, {**body, "seed": 7})
                 check(response)
                 http_ms.append(elapsed_ms)
