@@ -368,19 +368,11 @@ class PipelineAdapters:
             return PreparedAdapter(label, data, layout=layout)
         parsed, metadata = parse_lora_file(data, label)
         tensors = apply_metadata_alpha(parsed, metadata, label)
-        matched, clones, converted, network_alphas = self._checked(tensors, label)
+        _, clones, converted, network_alphas = self._checked(tensors, label)
         slot_layout = self._slot_layout_of(converted, network_alphas)
         if slot_layout is not None and entries_key is not None:
-            layout = byte_layouts.derive(
-                entries_key,
-                header,
-                data,
-                parsed,
-                clones,
-                slot_layout,
-                self._interned(_signature_of(slot_layout)),
-                matched,
-            )
+            signature = self._interned(_signature_of(slot_layout))
+            layout = byte_layouts.derive(header, data, parsed, clones, slot_layout, signature)
             if layout is not None:
                 self._remember_layout(entries_key, layout)
                 self._remember_layout(raw_key, layout)

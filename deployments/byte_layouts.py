@@ -7,7 +7,7 @@ work a cold load does before its copy: parsing, diffusers' format conversion, th
 the model. That work is done once per layout (`derive`), and kept as a `ByteLayout`: where each
 matrix of the converted adapter lies in the file's data. A file of a known layout then loads
 with no parse and no conversion: a slot whose matrices are views into one flat buffer laid out
-as the file's data (`pack`) takes the next file of that layout in a single copy (`refill`), one
+as the file's data (`pack`) takes the next file of that layout in a single copy, one
 host-to-device transfer on a GPU.
 
 Past the libraries here: safetensors parses into new tensors, one per matrix, and diffusers
@@ -45,15 +45,12 @@ class Matrix:
 
 @dataclass(frozen=True)
 class ByteLayout:
-    key: LayoutKey
     data_start: int
     """Offset of the data section in the file: 8 bytes of length, then the header."""
     data_size: int
     matrices: tuple[Matrix, ...]
     signature: frozenset
     """The slot layout these files fill (`adapters.Signature`)."""
-    matched: int
-    """What `PipelineAdapters.check` counts for each of these files."""
 
 
 def layout_key(header: dict, header_len: int, adapter_metadata: object) -> LayoutKey:
@@ -74,14 +71,12 @@ def header_length(data: bytes) -> int:
 
 
 def derive(
-    key: LayoutKey,
     header: dict,
     data: bytes,
     parsed: dict[str, torch.Tensor],
     clones: dict[str, torch.Tensor],
     converted: dict[str, torch.Tensor],
     signature: frozenset,
-    matched: int,
 ) -> ByteLayout | None:
     """The layout of a file whose conversion only renamed keys: `converted` was made from
     `clones` (of the tensors as loaded, by file name), and each converted matrix is one of
@@ -113,7 +108,7 @@ def derive(
     data_size = max(int(entry["data_offsets"][1]) for _, entry in _entries(header))
     if data_start + data_size != len(data):
         return None
-    return ByteLayout(key, data_start, data_size, tuple(matrices), signature, matched)
+    return ByteLayout(data_start, data_size, tuple(matrices), signature)
 
 
 def fits_data(layout: ByteLayout, data: bytes) -> bool:
