@@ -67,8 +67,8 @@ class DiffusionDeployment:
         # loads, generations. torch's CPU kernels use GNU OpenMP, which gives each calling
         # thread its own team of worker threads; once the teams outnumber the cores, every
         # team stops spinning between parallel regions and sleeps, so each region pays a
-        # wake-up. Generations run from several threads were 22 to 33% slower on 2 cores
-        # (loadtest/bench.py's model, in process). Reading and checking files stays beside it
+        # wake-up: a generation from a second thread took 1.245x the main thread's on 2
+        # cores (`python -m loadtest.torch_threads`). Reading and checking files stays beside it
         # (`_read_adapter`): a known layout touches no tensor, and LoRA matrices are below
         # torch's size for a parallel copy on a CPU replica.
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-torch")
