@@ -55,12 +55,12 @@ def deploy(
     until it is ready."""
     from ray import serve
 
-    from deployments.base import DiffusionDeployment
+    from serve.app import model_deployment
     from serve.config import AppConfig
     from serve.ingress import Ingress
 
     config = AppConfig.model_validate(app_args)
-    deployment = serve.deployment(DiffusionDeployment)
+    deployment = model_deployment()
     handles = {
         model.name: deployment.options(name=model.name, **options.get(model.name, {})).bind(
             model.model_dump(mode="json"),

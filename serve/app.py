@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 from ray import serve
+from ray.serve.config import RequestRouterConfig
 
 from deployments.base import DiffusionDeployment
+from serve.adapter_router import AdapterAffinityRouter
 from serve.config import AppConfig
 from serve.ingress import Ingress
+
+
+def model_deployment() -> serve.Deployment:
+    """DiffusionDeployment as a Serve deployment, routed by adapter (serve/adapter_router.py).
+    A Serve config's `deployments:` entry may still override any option, the router too."""
+    return serve.deployment(
+        DiffusionDeployment,
+        request_router_config=RequestRouterConfig(request_router_class=AdapterAffinityRouter),
+    )
 
 
 def build_app(args: dict) -> serve.Application:
     """One DiffusionDeployment per configured model, named after it, behind one Ingress."""
     config = AppConfig.model_validate(args)
-    deployment = serve.deployment(DiffusionDeployment)
+    deployment = model_deployment()
     handles = {
         model.name: deployment.options(name=model.name).bind(
             model.model_dump(mode="json"),

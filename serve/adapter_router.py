@@ -1,0 +1,123 @@
+"""AdapterAffinityRouter: Serve's request router for the model deployments.
+
+Serve's default router sends a request for an adapter to a replica that reports holding it,
+and a request for an adapter no replica reports to a replica with the fewest adapters. A
+replica reports an adapter only once its load has finished (and the report has reached the
+router), so while the first load of an adapter is under way, a second request for it finds
+no holder, falls back to the fewest-adapters replicas, and may load the same adapter on
+another replica: a burst of requests for a new adapter loads it on several replicas, each
+load evicting something hot there.
+
+This router keeps Serve's order of preference (holders, then the least loaded) and closes
+that window: the first request for an adapter no replica holds places it on one replica,
+chosen by the fewest adapters (held, or placed there and not yet reported) with ties broken by
+rendezvous hashing of the adapter's key, and the router sends every later request for it there
+until a replica reports it. The
+rendezvous tie-break makes routers in different processes (several ingress replicas) pick the
+same replica when they see the same reports. Requests without an adapter are routed exactly as
+Serve's default router routes them.
+
+Written here because Serve's request-router API (`RequestRouter`, public since Ray 2.46) takes
+the policy as a class and ships no policy that remembers where it sent an adapter.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping
+
+from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
+
+# A placement only has to outlive one first load and its report to the router; a load from a
+# remote store can take a while, and a placement kept too long costs nothing worse than the
+# load Serve's own fallback would make.
+PLACEMENT_TTL_S = 120.0
+# Bounds the router's memory under a stream of distinct cold adapters.
+MAX_PLACEMENTS = 4096
+
+
+def rendezvous_score(adapter_key: str, replica_id: str) -> int:
+    """The adapter's affinity for a replica: highest-random-weight hashing, so each router
+    ranks replicas alike for an adapter, and a replica joining or leaving moves only the
+    adapters it ranks first."""
+    digest = hashlib.blake2b(f"{adapter_key}\0{replica_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def placement_for(
+    adapter_key: str,
+    replicas: Iterable[RunningReplica],
+    placed_counts: Mapping[str, int] | None = None,
+) -> RunningReplica:
+    """The replica that should load an adapter none holds: the fewest adapters held or placed
+    there and not yet reported (`placed_counts`, by replica id), then the highest rendezvous
+    score."""
+    placed_counts = placed_counts or {}
+
+    def rank(replica: RunningReplica) -> tuple[int, int]:
+        replica_id = replica.replica_id.unique_id
+        adapters = len(replica.multiplexed_model_ids) + placed_counts.get(replica_id, 0)
+        return adapters, -rendezvous_score(adapter_key, replica_id)
+
+    return min(replicas, key=rank)
+
+
+class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
+    """See the module docstring. Serve builds one per deployment handle, in the process that
+    holds the handle (the ingress replica), and calls it on that process's event loop."""
+
+    def initialize_state(self, **kwargs) -> None:
+        # adapter key -> (replica id, monotonic time placed), oldest first
+        self._placements: OrderedDict[str, tuple[ReplicaID, float]] = OrderedDict()
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        adapter_key = pending_request.metadata.multiplexed_model_id if pending_request else ""
+        if not adapter_key or not candidate_replicas:
+            return await super().choose_replicas(candidate_replicas, pending_request)
+        # Ranks are tried in order, each replica's queue bound checked; when none accepts,
+        # Serve backs off and asks again (without this flag it would ask again at once).
+        pending_request.routing_context.should_backoff = True
+        holder_ids = self._multiplexed_model_id_to_replica_ids.get(adapter_key, set())
+        holders = [r for r in candidate_replicas if r.replica_id in holder_ids]
+        if holders:
+            self._placements.pop(adapter_key, None)
+            preferred = holders
+        else:
+            preferred = [self._placed(adapter_key, candidate_replicas)]
+        others = [r for r in candidate_replicas if r not in preferred]
+        # A full preferred replica sends the request to the least loaded other one: loading
+        # an adapter costs less than queueing behind a whole generation there.
+        return [preferred, others]
+
+    def _placed(self, adapter_key: str, replicas: list[RunningReplica]) -> RunningReplica:
+        """Where requests for an adapter no replica reports go: its placement while that
+        replica is up and the placement fresh, else a new one."""
+        now = time.monotonic()
+        placed = self._placements.get(adapter_key)
+        if placed is not None and now - placed[1] < PLACEMENT_TTL_S:
+            for replica in replicas:
+                if replica.replica_id == placed[0]:
+                    return replica
+        self._placements.pop(adapter_key, None)
+        while self._placements and (
+            len(self._placements) >= MAX_PLACEMENTS
+            or now - next(iter(self._placements.values()))[1] >= PLACEMENT_TTL_S
+        ):
+            self._placements.popitem(last=False)
+        # Adapters placed but not yet reported count where they were placed, so a burst of
+        # new adapters spreads over the replicas instead of all going to one.
+        placed_counts = Counter(
+            replica_id.unique_id
+            for key, (replica_id, _) in self._placements.items()
+            if not self._multiplexed_model_id_to_replica_ids.get(key)
+        )
+        replica = placement_for(adapter_key, replicas, placed_counts)
+        self._placements[adapter_key] = (replica.replica_id, now)
+        return replica
