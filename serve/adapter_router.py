@@ -14,11 +14,20 @@ chosen by the fewest adapters (held, or placed there and not yet reported) with 
 rendezvous hashing of the adapter's key, and the router sends every later request for it there
 until a replica reports it. The
 rendezvous tie-break makes routers in different processes (several ingress replicas) pick the
-same replica when they see the same reports. Requests without an adapter are routed exactly as
-Serve's default router routes them.
+same replica when they see the same reports.
+
+A hot adapter spreads: when every replica holding it has at least `spread_queue_gap` more
+requests in flight than the least busy other replica, the request goes to that other replica,
+which loads the adapter too (a slot load costs far less than waiting behind several
+generations). Only adapters a replica has reported spread; a first load under way does not, or
+a burst for a new adapter would load it everywhere. Requests without an adapter are routed
+exactly as Serve's default router routes them.
 
 Written here because Serve's request-router API (`RequestRouter`, public since Ray 2.46) takes
-the policy as a class and ships no policy that remembers where it sent an adapter.
+the policy as a class and ships no policy that remembers where it sent an adapter. It builds on
+Serve's power-of-two-choices router and overrides one private method of it
+(`_fulfill_next_pending_request`); tests/test_adapter_routing.py covers both against the Ray
+installed.
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 
+from ray.serve._private.common import RequestMetadata
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
-from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 # A placement only has to outlive one first load and its report to the router; a load from a
 # remote store can take a while, and a placement kept too long costs nothing worse than the
@@ -37,6 +47,9 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RunningReplica
 PLACEMENT_TTL_S = 120.0
 # Bounds the router's memory under a stream of distinct cold adapters.
 MAX_PLACEMENTS = 4096
+# More requests in flight on every holder of an adapter than on the least busy other replica,
+# from which the adapter spreads there: 4 generations' wait against one slot load.
+DEFAULT_SPREAD_QUEUE_GAP = 4
 
 
 def rendezvous_score(adapter_key: str, replica_id: str) -> int:
@@ -69,7 +82,14 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
     """See the module docstring. Serve builds one per deployment handle, in the process that
     holds the handle (the ingress replica), and calls it on that process's event loop."""
 
-    def initialize_state(self, **kwargs) -> None:
+    def initialize_state(self, spread_queue_gap: int = DEFAULT_SPREAD_QUEUE_GAP) -> None:
+        """`spread_queue_gap` comes from the deployment's `request_router_kwargs`."""
+        if isinstance(spread_queue_gap, bool) or not isinstance(spread_queue_gap, int):
+            raise TypeError(f"spread_queue_gap must be an integer, not {spread_queue_gap!r}")
+        if spread_queue_gap < 1:
+            raise ValueError(f"spread_queue_gap must be at least 1, not {spread_queue_gap}")
+        self._spread_queue_gap = spread_queue_gap
+        self._in_flight: Counter[ReplicaID] = Counter()
         # adapter key -> (replica id, monotonic time placed), oldest first
         self._placements: OrderedDict[str, tuple[ReplicaID, float]] = OrderedDict()
 
@@ -92,9 +112,59 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         else:
             preferred = [self._placed(adapter_key, candidate_replicas)]
         others = [r for r in candidate_replicas if r not in preferred]
-        # A full preferred replica sends the request to the least loaded other one: loading
-        # an adapter costs less than queueing behind a whole generation there.
-        return [preferred, others]
+        if holders and others and self._crowded(holders, others):
+            return [others, holders]
+        # Serve tries the ranks in turn, and a routing task that hands its choice to another
+        # pending request goes on to the next rank for its own: so the other replicas come in
+        # only once every preferred one is known to be full. Then the request goes to the
+        # least loaded other one: loading an adapter costs less than queueing behind whole
+        # generations. An unknown queue is probed (rank one alone), and a full one is known
+        # from then on.
+        if all(self._full(r) for r in preferred):
+            return [preferred, others]
+        return [preferred]
+
+    def _full(self, replica: RunningReplica) -> bool:
+        in_flight = self._replica_queue_len_cache.get(replica.replica_id)
+        return in_flight is not None and in_flight >= replica.max_ongoing_requests
+
+    def _fulfill_next_pending_request(
+        self, replica: RunningReplica, request_metadata: RequestMetadata | None = None
+    ) -> None:
+        """Hand a replica chosen for a request to a pending request that wants it. Serve's
+        FIFO policy hands it to the oldest request for the same adapter, and when none is left
+        (another routing task served them meanwhile), to the oldest pending request of any
+        adapter, which then loads its adapter on a replica chosen for another: the duplicate
+        loads this router exists to avoid. Here a replica chosen for an adapter goes only to a
+        request for that adapter, and one chosen for a request without adapter only to that
+        request (Serve's base policy); an unused choice is dropped and routing goes on."""
+        if request_metadata is None or not request_metadata.multiplexed_model_id:
+            RequestRouter._fulfill_next_pending_request(self, replica, request_metadata)
+        elif self._get_pending_request_matching_multiplexed_model_id(request_metadata):
+            super()._fulfill_next_pending_request(replica, request_metadata)
+
+    def _crowded(self, holders: list[RunningReplica], others: list[RunningReplica]) -> bool:
+        """Whether every holder has `spread_queue_gap` more of this router's requests in
+        flight than the least busy other replica."""
+
+        def in_flight(replica: RunningReplica) -> int:
+            return self._in_flight.get(replica.replica_id, 0)
+
+        least_busy_holder = min(map(in_flight, holders))
+        return least_busy_holder - min(map(in_flight, others)) >= self._spread_queue_gap
+
+    # This router's own count of its requests in flight per replica. Serve's queue-length
+    # cache would do, but the replicas' answers to each send overwrite it with counts that
+    # lag (it read 1 to 3 while 12 requests were outstanding on one replica).
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)
+        self._in_flight[replica_id] += 1
+
+    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
+        super().on_request_completed(replica_id, internal_request_id)
+        # Serve also reports a request that failed before it was sent: never below zero.
+        if self._in_flight.get(replica_id, 0) > 0:
+            self._in_flight[replica_id] -= 1
 
     def _placed(self, adapter_key: str, replicas: list[RunningReplica]) -> RunningReplica:
         """Where requests for an adapter no replica reports go: its placement while that

@@ -1,4 +1,5 @@
-"""Routing by adapter (serve/adapter_router.py): a burst for a new adapter loads it once.
+"""Routing by adapter (serve/adapter_router.py): a burst for a new adapter loads it once, and
+a hot adapter whose replica is crowded spreads to the other one.
 
 A third app, "routing" at /routing, serves the tiny Flux model on 2 replicas with loraplex's
 router and slots for every adapter, so any load beyond one per adapter is the router's doing.
@@ -14,7 +15,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from serve.adapter_router import placement_for, rendezvous_score
+from serve.adapter_router import AdapterAffinityRouter, placement_for, rendezvous_score
 
 PREFIX = "/routing"
 ADAPTERS = 4
@@ -27,6 +28,12 @@ def replica(unique_id: str, *adapters: str) -> SimpleNamespace:
     return SimpleNamespace(
         replica_id=SimpleNamespace(unique_id=unique_id), multiplexed_model_ids=set(adapters)
     )
+
+
+@pytest.mark.parametrize("gap", [0, -1, 1.5, "4", True])
+def test_spread_queue_gap_must_be_a_positive_integer(gap):
+    with pytest.raises((TypeError, ValueError), match="spread_queue_gap"):
+        AdapterAffinityRouter.initialize_state(SimpleNamespace(), spread_queue_gap=gap)
 
 
 def test_placement_prefers_the_replica_with_fewest_adapters():
@@ -76,7 +83,7 @@ def routing(ray_cluster, tmp_path_factory):
         "max_adapters_per_replica": ADAPTERS,
         "price_per_gpu_hour": 2.49,
     }
-    write_adapters([model], lora_root, ADAPTERS)
+    write_adapters([model], lora_root, ADAPTERS + 1)  # the last one for the spreading test
     options = {
         "flux": {
             "num_replicas": 2,
@@ -85,7 +92,7 @@ def routing(ray_cluster, tmp_path_factory):
         }
     }
     service.deploy({"lora_root": str(lora_root), "models": [model]}, options, "routing", PREFIX)
-    names = [ADAPTER_PATTERN.format(family="flux", index=i) for i in range(ADAPTERS)]
+    names = [ADAPTER_PATTERN.format(family="flux", index=i) for i in range(ADAPTERS + 1)]
     with httpx.Client(base_url=ray_cluster + PREFIX, timeout=300) as client:
         yield client, names
     serve.delete("routing")
@@ -105,6 +112,7 @@ def replicas_once_reported(client, loads: int) -> list[dict]:
 
 def test_a_burst_for_new_adapters_loads_each_once_on_one_replica(routing):
     client, names = routing
+    names = names[:ADAPTERS]
     bodies = [{**SMALL, "lora_name": name, "seed": i} for name in names for i in range(BURST)]
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(lambda body: client.post("/flux-lora", json=body), bodies))
@@ -121,3 +129,25 @@ def test_a_burst_for_new_adapters_loads_each_once_on_one_replica(routing):
     again = [client.post("/flux-lora", json={**SMALL, "lora_name": n}) for n in names * 2]
     assert {r.headers["X-LoRA-Cache"] for r in again} == {"hit"}
     assert sum(r["adapter_loads"] for r in replicas_once_reported(client, ADAPTERS)) == ADAPTERS
+
+
+def test_a_hot_adapter_spreads_when_its_replica_is_crowded(routing):
+    """12 requests at once for an adapter one replica holds, each generation long enough that
+    they arrive faster than they finish: once that replica has 4 (the default
+    spread_queue_gap) more in flight than the other, the rest go to the other replica, which
+    loads the adapter once."""
+    client, names = routing
+    hot = names[ADAPTERS]
+    loads_before = sum(r["adapter_loads"] for r in replicas_once_reported(client, 0))
+    assert client.post("/flux-lora", json={**SMALL, "lora_name": hot}).status_code == 200
+    replicas = replicas_once_reported(client, loads_before + 1)
+    assert sum(hot in r["hot_adapters"] for r in replicas) == 1
+    time.sleep(1.0)  # the replica's report reaches the ingress's router
+    long = {**SMALL, "width": 512, "height": 512, "steps": 8, "lora_name": hot}
+    bodies = [{**long, "seed": i} for i in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: client.post("/flux-lora", json=body), bodies))
+    assert [r.status_code for r in responses] == [200] * len(responses)
+    replicas = replicas_once_reported(client, loads_before + 2)
+    assert all(hot in r["hot_adapters"] for r in replicas)
+    assert sum(r["adapter_loads"] for r in replicas) == loads_before + 2
