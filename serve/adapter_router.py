@@ -8,13 +8,14 @@ no holder, falls back to the fewest-adapters replicas, and may load the same ada
 another replica: a burst of requests for a new adapter loads it on several replicas, each
 load evicting something hot there.
 
-This router keeps Serve's order of preference (holders, then the least loaded) and closes
-that window: the first request for an adapter no replica holds places it on one replica,
-chosen by the fewest adapters (held, or placed there and not yet reported) with ties broken by
-rendezvous hashing of the adapter's key, and the router sends every later request for it there
-until a replica reports it. The
-rendezvous tie-break makes routers in different processes (several ingress replicas) pick the
-same replica when they see the same reports.
+This router keeps Serve's order of preference (holders first) and closes that window: the
+first request for an adapter no replica holds places it on one replica, chosen by the fewest
+adapters (held, or placed there and not yet reported) with ties broken by rendezvous hashing of
+the adapter's key, and the router sends every later request for it there until a replica
+reports it. The rendezvous tie-break makes routers in different processes (several ingress
+replicas) pick the same replica when they see the same reports. A replica chosen for an adapter
+is handed only to a request for that adapter (`_fulfill_next_pending_request`), and other
+replicas come in only once the preferred ones are full.
 
 A hot adapter spreads: when every replica holding it has at least `spread_queue_gap` more
 requests in flight than the least busy other replica, the request goes to that other replica,
@@ -165,6 +166,10 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         # Serve also reports a request that failed before it was sent: never below zero.
         if self._in_flight.get(replica_id, 0) > 0:
             self._in_flight[replica_id] -= 1
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._in_flight.pop(replica_id, None)
 
     def _placed(self, adapter_key: str, replicas: list[RunningReplica]) -> RunningReplica:
         """Where requests for an adapter no replica reports go: its placement while that
