@@ -100,7 +100,8 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
         adapter_key = pending_request.metadata.multiplexed_model_id if pending_request else ""
-        if not adapter_key or not candidate_replicas:
+        if not adapter_key or len(candidate_replicas) < 2:
+            # Nothing to choose between: Serve's own policy, unchanged.
             return await super().choose_replicas(candidate_replicas, pending_request)
         # Ranks are tried in order, each replica's queue bound checked; when none accepts,
         # Serve backs off and asks again (without this flag it would ask again at once).
@@ -139,7 +140,9 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         loads this router exists to avoid. Here a replica chosen for an adapter goes only to a
         request for that adapter, and one chosen for a request without adapter only to that
         request (Serve's base policy); an unused choice is dropped and routing goes on."""
-        if request_metadata is None or not request_metadata.multiplexed_model_id:
+        if len(self._replicas) < 2:
+            super()._fulfill_next_pending_request(replica, request_metadata)  # one choice only
+        elif request_metadata is None or not request_metadata.multiplexed_model_id:
             RequestRouter._fulfill_next_pending_request(self, replica, request_metadata)
         elif self._get_pending_request_matching_multiplexed_model_id(request_metadata):
             super()._fulfill_next_pending_request(replica, request_metadata)
