@@ -32,8 +32,6 @@ from deployments.family import get_family
 from deployments.loading import load_pipeline
 from serve.config import ModelConfig, RemoteLoraConfig
 from serve.errors import InvalidRequest
-from serve.loras.files import parse_lora_file
-from serve.loras.formats import apply_metadata_alpha
 from serve.loras.merge import adapter_factors, concatenate, merged_file
 from serve.loras.remote import RemoteLoraCache
 from serve.loras.store import LoraRef, LoraStore
@@ -255,9 +253,8 @@ class DiffusionDeployment:
         Changes nothing: the ingress calls it on an upload before publishing the file."""
 
         def check() -> int:
-            tensors, metadata = parse_lora_file(data, name)
             # As a request would read it, so an upload is refused for what a request would be.
-            tensors = apply_metadata_alpha(tensors, metadata, name)
+            tensors = self.adapters.file_tensors(PreparedAdapter(name, data))
             return self.adapters.check(tensors, name)
 
         return await self._in_torch_thread(check)
@@ -281,9 +278,8 @@ class DiffusionDeployment:
                     adapter_name = self._hot.get(use.key)
                     if adapter_name is None:
                         adapter_name = adapter_name_for(f"merge:{use.key}")
-                        tensors = self.adapters.file_tensors(staged[use.key])
                         await self._in_torch_thread(
-                            self.adapters.load, adapter_name, tensors, use.name
+                            self._load_for_merge, adapter_name, staged[use.key], use.name
                         )
                         temporary.append(adapter_name)
                     factors = await self._in_torch_thread(
@@ -292,13 +288,17 @@ class DiffusionDeployment:
                     weighted.append((factors, use.strength))
             finally:
                 for adapter_name in temporary:
-                    self.adapters.delete(adapter_name)
+                    await self._in_torch_thread(self.adapters.delete, adapter_name)
         sources = [(use.name, use.strength) for use in uses]
 
         def merged() -> bytes:
             return merged_file(concatenate(weighted), self.family.name, sources, trigger_words)
 
         return await self._in_torch_thread(merged)
+
+    def _load_for_merge(self, adapter_name: str, prepared: PreparedAdapter, label: str) -> None:
+        """A fresh load under `adapter_name`, parsing the file here if `prepare` did not."""
+        self.adapters.load(adapter_name, self.adapters.file_tensors(prepared), label)
 
     def describe(self) -> dict:
         """This replica's state, as /models shows it."""

@@ -159,7 +159,8 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
 
     # This router's own count of its requests in flight per replica. Serve's queue-length
     # cache would do, but the replicas' answers to each send overwrite it with counts that
-    # lag (it read 1 to 3 while 12 requests were outstanding on one replica).
+    # lag (a debug log of the spreading test showed 1 to 3 while 12 requests were outstanding
+    # on one replica).
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)
         self._in_flight[replica_id] += 1
