@@ -27,7 +27,7 @@ from deployments.adapters import (
     PreparedAdapter,
     adapter_name_for,
 )
-from deployments.batching import batch_key, batched_pipeline_kwargs
+from deployments.batching import GroupRenders, batch_key, batched_pipeline_kwargs
 from deployments.family import get_family
 from deployments.loading import load_pipeline
 from serve.config import ModelConfig, RemoteLoraConfig
@@ -78,6 +78,9 @@ class DiffusionDeployment:
         self._staged: dict[str, PreparedAdapter] = {}
         self._loads = self._hits = self._evictions = 0
         self._batches_run = self._requests_batched = 0
+        # Pipeline calls stopped before their last step: every request in them had gone away.
+        self._renders_interrupted = 0
+        self._group_renders = GroupRenders()
 
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
@@ -181,6 +184,8 @@ class DiffusionDeployment:
             image, inference_ms = await self._in_torch_thread(
                 self._render, job, active, interrupted
             )
+        if interrupted.is_set():
+            self._report()  # renders_interrupted, for /models
         return image, inference_ms, cache
 
     async def _generate_batched(self, job: GenerationJob, staged: dict):
@@ -193,7 +198,11 @@ class DiffusionDeployment:
 
         # Shielded as in the unbatched path: a load under way finishes before the lock is free.
         cache = await asyncio.shield(asyncio.ensure_future(ensure_hot()))
-        outcome = await self._render_batched(job)
+        try:
+            outcome = await self._render_batched(job)
+        except asyncio.CancelledError:
+            self._group_renders.abandon(job)
+            raise
         if isinstance(outcome, BaseException):  # this request's group failed, not the batch
             raise outcome
         image, inference_ms = outcome
@@ -209,24 +218,33 @@ class DiffusionDeployment:
             key = batch_key(job)
             groups.setdefault(("alone", index) if key is None else key, []).append(index)
         outcomes: list = [None] * len(jobs)
-        for indexes in groups.values():
-            group = [jobs[index] for index in indexes]
-            try:
-                media, elapsed_ms = await self._render_group(group)
-            except Exception as e:  # noqa: BLE001 - handed to each request of the group
-                for index in indexes:
-                    outcomes[index] = e
-                continue
-            if len(group) > 1:
-                self._batches_run += 1
-                self._requests_batched += len(group)
-            # Each request is billed its share of the call: the shares add up to its time.
-            for index, image in zip(indexes, media, strict=True):
-                outcomes[index] = (image, elapsed_ms / len(group))
+        grouped = [[jobs[index] for index in indexes] for indexes in groups.values()]
+        events = self._group_renders.start(grouped)
+        try:
+            for indexes, group, interrupted in zip(groups.values(), grouped, events, strict=True):
+                if interrupted.is_set():  # all its requests went while an earlier group rendered
+                    self._renders_interrupted += 1
+                    for index in indexes:
+                        outcomes[index] = asyncio.CancelledError()
+                    continue
+                try:
+                    media, elapsed_ms = await self._render_group(group, interrupted)
+                except Exception as e:  # noqa: BLE001 - handed to each request of the group
+                    for index in indexes:
+                        outcomes[index] = e
+                    continue
+                if len(group) > 1:
+                    self._batches_run += 1
+                    self._requests_batched += len(group)
+                # Each request is billed its share of the call: the shares add up to its time.
+                for index, image in zip(indexes, media, strict=True):
+                    outcomes[index] = (image, elapsed_ms / len(group))
+        finally:
+            self._group_renders.finish(jobs)
         self._report()  # the batch counters, for /models
         return outcomes
 
-    async def _render_group(self, jobs: list[GenerationJob]):
+    async def _render_group(self, jobs: list[GenerationJob], interrupted: threading.Event):
         async with self._lock:
             # Each request made its stack hot before it joined the batch, but a request for
             # another stack may have evicted one of those adapters while this batch formed.
@@ -234,7 +252,7 @@ class DiffusionDeployment:
             # from here to the end of the call no adapter of the group can go.
             await self._ensure_hot(jobs[0].adapters, {}, count=False)
             active = self._active_for(jobs[0])
-            return await self._in_torch_thread(self._render_jobs, jobs, active, threading.Event())
+            return await self._in_torch_thread(self._render_jobs, jobs, active, interrupted)
 
     def _active_for(self, job: GenerationJob) -> list[ActiveAdapter]:
         """The job's stack as the pipeline activates it (its adapters must be hot)."""
@@ -312,6 +330,7 @@ class DiffusionDeployment:
             "max_batch_size": self.model.max_batch_size,
             "batches_run": self._batches_run,
             "requests_batched": self._requests_batched,
+            "renders_interrupted": self._renders_interrupted,
             "remote_lora_cache": self.remote.stats() if self.remote.config.enabled else None,
             "rss_mb": round(_resident_memory_mb(), 1),
         }
@@ -426,7 +445,9 @@ class DiffusionDeployment:
             generator = generators
 
         def stop_if_interrupted(pipe, step, timestep, callback_kwargs):
-            pipe._interrupt = interrupted.is_set()  # diffusers skips the remaining steps
+            if interrupted.is_set() and not pipe._interrupt:
+                pipe._interrupt = True  # diffusers skips the remaining steps
+                self._renders_interrupted += 1
             return callback_kwargs
 
         started = time.perf_counter()

@@ -9,6 +9,7 @@ seed vary inside a call; everything else shapes the call itself and must be equa
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 from serve.schemas import GenerationJob
@@ -64,3 +65,38 @@ def batched_pipeline_kwargs(per_job: list[dict[str, Any]]) -> dict[str, Any]:
         if name in first:
             merged[name] = [kwargs[name] for kwargs in per_job]
     return merged
+
+
+class GroupRenders:
+    """The groups a running batch renders, and which of their requests still wait for them.
+    A group's `interrupted` event is set once every request in it has gone away (its client
+    disconnected and Serve cancelled it), so the replica stops rendering images nobody will
+    receive: the pipeline skips its remaining steps. Serve's batching drops requests cancelled
+    before a batch starts, but not those cancelled while it renders."""
+
+    def __init__(self) -> None:
+        # id of a waiting job -> (ids of its group's jobs still waiting, the group's event)
+        self._by_job: dict[int, tuple[set[int], threading.Event]] = {}
+
+    def start(self, groups: list[list[GenerationJob]]) -> list[threading.Event]:
+        """Each group's interrupt event, its jobs registered as waiting."""
+        events = []
+        for group in groups:
+            waiting, interrupted = {id(job) for job in group}, threading.Event()
+            for job in group:
+                self._by_job[id(job)] = (waiting, interrupted)
+            events.append(interrupted)
+        return events
+
+    def abandon(self, job: GenerationJob) -> None:
+        """The job's request went away; its group is interrupted if it was the last."""
+        entry = self._by_job.pop(id(job), None)
+        if entry is not None:
+            waiting, interrupted = entry
+            waiting.discard(id(job))
+            if not waiting:
+                interrupted.set()
+
+    def finish(self, jobs: list[GenerationJob]) -> None:
+        for job in jobs:
+            self._by_job.pop(id(job), None)

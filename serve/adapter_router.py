@@ -28,7 +28,11 @@ Written here because Serve's request-router API (`RequestRouter`, public since R
 the policy as a class and ships no policy that remembers where it sent an adapter. It builds on
 Serve's power-of-two-choices router and overrides one private method of it
 (`_fulfill_next_pending_request`); tests/test_adapter_routing.py covers both against the Ray
-installed.
+installed. That override drops a choice no request for its adapter wants, which is safe only
+where Serve's routing task then goes on routing its own request, as it does from Ray 2.60: under
+Ray 2.59 the task ended there and the request waited forever (tests/test_adapter_routing.py's
+burst test timed out). So the router is used only under the Ray minor versions it was tested
+with (`ROUTER_RAY_VERSIONS`); under any other, `serve.app` leaves Serve's default router.
 """
 
 from __future__ import annotations
@@ -42,6 +46,9 @@ from ray.serve._private.common import RequestMetadata
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+# The Ray minor versions whose private routing internals this router was tested against.
+ROUTER_RAY_VERSIONS = ("2.60",)
+
 # A placement only has to outlive one first load and its report to the router; a load from a
 # remote store can take a while, and a placement kept too long costs nothing worse than the
 # load Serve's own fallback would make.
@@ -51,6 +58,11 @@ MAX_PLACEMENTS = 4096
 # More requests in flight on every holder of an adapter than on the least busy other replica,
 # from which the adapter spreads there: 4 generations' wait against one slot load.
 DEFAULT_SPREAD_QUEUE_GAP = 4
+
+
+def router_supported(ray_version: str) -> bool:
+    """Whether this router may run under a Ray of this version (its major.minor is tested)."""
+    return ".".join(ray_version.split(".")[:2]) in ROUTER_RAY_VERSIONS
 
 
 def rendezvous_score(adapter_key: str, replica_id: str) -> int:

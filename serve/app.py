@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+
+import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments.base import DiffusionDeployment
-from serve.adapter_router import AdapterAffinityRouter
+from serve.adapter_router import ROUTER_RAY_VERSIONS, AdapterAffinityRouter, router_supported
 from serve.config import AppConfig
 from serve.ingress import Ingress
 
 
 def model_deployment() -> serve.Deployment:
     """DiffusionDeployment as a Serve deployment, routed by adapter (serve/adapter_router.py).
-    A Serve config's `deployments:` entry may still override any option, the router too."""
+    A Serve config's `deployments:` entry may still override any option, the router too.
+    Under a Ray the router was not tested with, Serve's default router, with a warning: the
+    router overrides Serve internals that change between versions (see its module)."""
+    if not router_supported(ray.__version__):
+        logging.getLogger(__name__).warning(
+            "Ray %s: routing by adapter needs Ray %s; using Serve's default router",
+            ray.__version__,
+            " or ".join(ROUTER_RAY_VERSIONS),
+        )
+        return serve.deployment(DiffusionDeployment)
     return serve.deployment(
         DiffusionDeployment,
         request_router_config=RequestRouterConfig(request_router_class=AdapterAffinityRouter),

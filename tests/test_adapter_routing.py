@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from serve.adapter_router import AdapterAffinityRouter, placement_for
+from serve.adapter_router import AdapterAffinityRouter, placement_for, router_supported
 
 PREFIX = "/routing"
 ADAPTERS = 4
@@ -28,6 +28,32 @@ def replica(unique_id: str, *adapters: str) -> SimpleNamespace:
     return SimpleNamespace(
         replica_id=SimpleNamespace(unique_id=unique_id), multiplexed_model_ids=set(adapters)
     )
+
+
+@pytest.mark.parametrize(
+    ("ray_version", "supported"),
+    [
+        ("2.60.0", True),
+        ("2.60.3", True),
+        ("2.59.0", False),
+        ("2.61.0", False),
+        ("3.0.0.dev0", False),
+    ],
+)
+def test_the_router_runs_only_under_the_ray_it_was_tested_with(ray_version, supported):
+    assert router_supported(ray_version) is supported
+
+
+def test_under_another_ray_the_models_get_serves_default_router(monkeypatch, caplog):
+    from serve import app
+
+    def router_of(deployment) -> str:  # Serve keeps no public accessor for it
+        return deployment._deployment_config.request_router_config.request_router_class
+
+    assert router_of(app.model_deployment()) == "serve.adapter_router.AdapterAffinityRouter"
+    monkeypatch.setattr(app.ray, "__version__", "2.61.0")
+    assert "AdapterAffinityRouter" not in router_of(app.model_deployment())
+    assert "Serve's default router" in caplog.text
 
 
 @pytest.mark.parametrize("gap", [0, -1, 1.5, "4", True])

@@ -15,7 +15,12 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.test_flux_serving import error_of, pixels
+from tests.test_flux_serving import (
+    error_of,
+    pixels,
+    renders_interrupted,
+    renders_interrupted_become,
+)
 
 PREFIX = "/batching"
 BATCH = 4
@@ -177,6 +182,27 @@ def test_adapters_evicted_while_a_batch_forms_are_back_for_its_call(batching, se
     assert responses[3].content == post(service, requests[3]).content
 
 
+def test_a_batch_whose_clients_all_left_stops_and_the_next_is_intact(batching, service):
+    # Four requests fill a batch that would render for minutes; every client gives up first.
+    slow = [body(seed, lora_id="a", width=512, height=512, steps=150) for seed in (1, 2, 3, 4)]
+    before = renders_interrupted(batching)
+    with concurrent.futures.ThreadPoolExecutor(BATCH) as pool:
+        gone = list(pool.map(lambda r: _times_out(batching, r), slow))
+    assert gone == [True] * BATCH
+    assert renders_interrupted_become(batching, before + 1) == before + 1
+    # The replica is free and renders the next batch as if nothing had happened.
+    requests = [body(seed, lora_id="a") for seed in (21, 22, 23, 24)]
+    assert_rendered_in_calls(batching, service, requests, calls=1)
+
+
+def _times_out(client, request: dict) -> bool:
+    try:
+        client.post("/flux-lora", json=request, timeout=2.0)
+    except httpx.ReadTimeout:
+        return True
+    return False
+
+
 def test_models_shows_the_batch_setting(batching, service):
     [model] = batching.get("/models").json()["models"]
     assert model["replicas"][0]["max_batch_size"] == BATCH
@@ -185,7 +211,24 @@ def test_models_shows_the_batch_setting(batching, service):
     assert flux[0]["replicas"][0]["batches_run"] == 0
 
 
-# In process: the grouping key, and every family's pipeline on a batch
+# In process: which groups stop, the grouping key, and every family's pipeline on a batch
+
+
+def test_a_group_is_interrupted_only_once_all_its_requests_went():
+    from deployments.batching import GroupRenders
+
+    first, second, alone = job(prompt="a"), job(prompt="b"), job(prompt="c")
+    renders = GroupRenders()
+    pair, single = renders.start([[first, second], [alone]])
+    renders.abandon(first)
+    assert not pair.is_set()
+    renders.abandon(first)  # a second cancellation of the same request changes nothing
+    assert not pair.is_set()
+    renders.abandon(second)
+    assert pair.is_set() and not single.is_set()
+    renders.finish([first, second, alone])
+    renders.abandon(alone)  # after the batch: nothing left to stop
+    assert not single.is_set()
 
 
 def job(**fields):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import time
 
 import httpx
 import numpy as np
@@ -178,10 +179,27 @@ def test_health_models_and_docs(service):
 def test_a_request_abandoned_by_its_client_leaves_the_next_one_intact(service):
     expected = generate(service, lora_id="b").content
     slow = {"prompt": "slow", "lora_id": "a", "seed": 1, "width": 512, "height": 512, "steps": 150}
+    before = renders_interrupted(service)
     with pytest.raises(httpx.ReadTimeout):
         service.post("/flux-lora", json=slow, timeout=1.0)
     assert generate(service, lora_id="b").content == expected
     assert generate(service, "/flux").status_code == 200
+    # The abandoned render stopped early, not after its 150 steps.
+    assert renders_interrupted_become(service, before + 1) == before + 1
+
+
+def renders_interrupted(client) -> int:
+    """Pipeline calls the flux replicas stopped early, as /models shows them."""
+    [model] = [m for m in client.get("/models").json()["models"] if m["name"] == "flux"]
+    return sum(replica["renders_interrupted"] for replica in model["replicas"])
+
+
+def renders_interrupted_become(client, expected: int) -> int:
+    """The count once the replicas' reports have arrived (or what it is after 60 s)."""
+    deadline = time.monotonic() + 60
+    while (now := renders_interrupted(client)) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return now
 
 
 def test_a_body_over_the_limit_is_413(service):
