@@ -15,7 +15,10 @@ replica runs (`PipelineAdapters`), and writes gpu_adapters.json and .md with the
   - the switch's activation alone / one generation;
   - cold load as a replica with a full LRU makes it (evict, copy into the free slot) and fresh
     (new layers), each / reading the file's bytes;
-  - device memory after `--swaps` evict-and-load cycles / after warm-up.
+  - device memory after `--swaps` evict-and-load cycles / after warm-up;
+  - throughput on a Zipf workload (`--zipf-requests` over `--zipf-adapters`, `--slots` hot), one
+    request at a time: a replica's path / the naive load-generate-unload path
+    (`measure_zipf_workload`). `--steps 4` is a turbo model's request (FLUX.1-schnell's steps).
 The measurements are loadtest/in_process.py's, the ones `make bench` takes on a CPU.
 No Ray and no HTTP: the GPU machine this runs on may have neither.
 """
@@ -60,6 +63,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="rounds for each median")
     parser.add_argument("--swaps", type=int, default=20, help="evict-and-load cycles, then memory")
     parser.add_argument("--slots", type=int, default=4, help="hot adapters during the swaps")
+    parser.add_argument("--zipf-adapters", type=int, default=12)
+    parser.add_argument("--zipf-requests", type=int, default=12, help="timed, after 4 untimed")
+    parser.add_argument("--zipf", type=float, default=1.1, help="the Zipf exponent")
     parser.add_argument("--out", default="loadtest/reports/gpu")
     return parser.parse_args(argv)
 
@@ -102,8 +108,8 @@ def main(argv=None) -> dict:
     import torch
 
     from deployments.family import get_family
-    from loadtest.bench import ATTENTION_MLP_TARGETS
-    from loadtest.in_process import Rounds, measure_adapters
+    from loadtest.bench import ATTENTION_MLP_TARGETS, zipf_choices
+    from loadtest.in_process import Rounds, measure_adapters, measure_zipf_workload
     from serve.loras.synthetic import lora_tensors, write_lora
 
     diffusers.utils.logging.set_verbosity_error()
@@ -117,7 +123,7 @@ def main(argv=None) -> dict:
 
     lora_root = Path(tempfile.mkdtemp(prefix="loraplex-gpu-"))
     names = []
-    for i in range(max(args.repeats + 2, args.slots + 1)):
+    for i in range(max(args.repeats + 2, args.slots + 1, args.zipf_adapters)):
         tensors = lora_tensors(pipe.transformer, "transformer", i, args.rank, ATTENTION_MLP_TARGETS)
         name = f"gpu-{i:02d}.safetensors"
         write_lora(lora_root / name, {k: v.to(torch.bfloat16) for k, v in tensors.items()})
@@ -152,6 +158,21 @@ def main(argv=None) -> dict:
         memory_mb=device_memory_mb,
         sync=torch.cuda.synchronize if on_gpu else (lambda: None),
     )
+    zipf_warmup = 4
+    sequence = zipf_choices(zipf_warmup + args.zipf_requests, args.zipf_adapters, args.zipf, 0)
+    zipf_figures, zipf_details = measure_zipf_workload(
+        pipe,
+        get_family("flux"),
+        lora_root,
+        names,
+        sequence,
+        zipf_warmup,
+        args.slots,
+        generate,
+        sync=torch.cuda.synchronize if on_gpu else (lambda: None),
+    )
+    figures.update(zipf_figures)
+    details.update(zipf_details)
     details.update(
         device=torch.cuda.get_device_name() if on_gpu else "cpu",
         transformer_params_b=round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, 2),

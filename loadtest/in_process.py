@@ -197,3 +197,80 @@ def measure_adapters(
         "lora_layers": layers,
     }
     return figures, details
+
+
+def measure_zipf_workload(
+    pipe,
+    family,
+    lora_root: Path,
+    names: list[str],
+    sequence: list[int],
+    warmup: int,
+    slots: int,
+    generate: Callable[[], object],
+    sync: Callable[[], None] = lambda: None,
+) -> tuple[dict[str, float], dict]:
+    """One request at a time for the adapters `names[i]`, i in `sequence` (the first `warmup`
+    untimed), served two ways on the bare pipeline: the naive path of the reference worker (read
+    the file, `load_lora_weights`, generate, `unload_lora_weights`), then a replica's, with its
+    code but without Ray or HTTP (an LRU of `slots` hot adapters in `PipelineAdapters`, fused
+    when alone; a cold adapter evicts the least recently used one into a free slot). The
+    throughput ratio (figures) and the times behind it (details). Leaves the pipeline bare."""
+    from collections import OrderedDict
+
+    from safetensors.torch import load_file
+
+    from deployments.adapters import ActiveAdapter, PipelineAdapters
+
+    def seconds(serve_one, requests: list[int]) -> float:
+        sync()
+        started = time.perf_counter()
+        for index in requests:
+            serve_one(names[index])
+        sync()
+        return time.perf_counter() - started
+
+    def naive(name: str) -> None:
+        pipe.load_lora_weights(load_file(str(lora_root / name)), adapter_name="naive")
+        generate()
+        pipe.unload_lora_weights()
+
+    adapters = PipelineAdapters(pipe, family, fuse_single=True, max_adapters=slots)
+    hot: OrderedDict[str, str] = OrderedDict()  # file -> adapter name, least recently used first
+    hits = 0
+
+    def replica(name: str) -> None:
+        nonlocal hits
+        if name in hot:
+            hot.move_to_end(name)
+            hits += 1
+        else:
+            if len(hot) >= slots:
+                adapters.release(hot.popitem(last=False)[1])
+            prepared = adapters.prepare((lora_root / name).read_bytes(), name)
+            hot[name] = adapters.load_prepared(prepared)[0]
+        adapters.activate([ActiveAdapter(hot[name], 1.0, 1.0)])
+        generate()
+
+    untimed, timed = sequence[:warmup], sequence[warmup:]
+    log(f"Zipf workload, naive path: {len(untimed)} + {len(timed)} requests")
+    seconds(naive, untimed)
+    naive_s = seconds(naive, timed)
+    log(f"Zipf workload, replica path: {len(untimed)} + {len(timed)} requests")
+    seconds(replica, untimed)
+    hits = 0
+    replica_s = seconds(replica, timed)
+    adapters.activate([])
+    pipe.unload_lora_weights()
+    figures = {"replica_over_naive_throughput": naive_s / replica_s}
+    details = {
+        "zipf": {
+            "requests": len(timed),
+            "distinct_adapters": len(set(timed)),
+            "slots": slots,
+            "hit_rate": round(hits / len(timed), 3),
+            "naive_ms_per_request": round(naive_s / len(timed) * 1000, 1),
+            "replica_ms_per_request": round(replica_s / len(timed) * 1000, 1),
+        }
+    }
+    return figures, details

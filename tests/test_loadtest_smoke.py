@@ -94,3 +94,18 @@ def test_bench_and_locust_write_reports_without_failures(tmp_path):
     assert summary["deployments"]["flux"]["adapter_loads_per_replica"]
     for name in ("locust_stats.csv", "locust.html", "summary.md"):
         assert (locust_out / name).stat().st_size > 0
+
+
+def test_the_gpu_script_runs_small_on_a_cpu(tmp_path):
+    # Its real run needs a GPU, which CI never has; this keeps the script from rotting between
+    # the sessions that have one. In this process: no Ray.
+    from loadtest import gpu_adapters
+
+    report = gpu_adapters.main(
+        ["--small", "--device", "cpu", "--steps", "1", "--repeats", "1", "--swaps", "4"]
+        + ["--zipf-adapters", "6", "--zipf-requests", "4", "--out", str(tmp_path)]
+    )
+    written = json.loads((tmp_path / "gpu_adapters.json").read_text())
+    assert written["figures"].keys() == report["figures"].keys()
+    assert "replica_over_naive_throughput" in report["figures"]
+    assert report["details"]["zipf"]["requests"] == 4
