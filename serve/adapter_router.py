@@ -29,10 +29,11 @@ the policy as a class and ships no policy that remembers where it sent an adapte
 Serve's power-of-two-choices router and overrides one private method of it
 (`_fulfill_next_pending_request`); tests/test_adapter_routing.py covers both against the Ray
 installed. That override drops a choice no request for its adapter wants, which is safe only
-where Serve's routing task then goes on routing its own request, as it does from Ray 2.60: under
-Ray 2.59 the task ended there and the request waited forever (tests/test_adapter_routing.py's
-burst test timed out). So the router is used only under the Ray minor versions it was tested
-with (`ROUTER_RAY_VERSIONS`); under any other, `serve.app` leaves Serve's default router.
+where Serve's routing task then goes on routing its own request, as it does from Ray 2.60 (before,
+Serve's source shows the task stopping there). Under Ray 2.57 the burst test's requests timed
+out, and under 2.59 the routing tests had not ended after 500 s. So the router is used only
+under the Ray minor versions it was tested with (`ROUTER_RAY_VERSIONS`); under any other,
+`serve.app` leaves Serve's default router.
 """
 
 from __future__ import annotations
