@@ -144,6 +144,8 @@ def main(argv=None) -> dict:
                 output_type="latent",
             )
 
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+
     def device_memory_mb() -> float:
         return torch.cuda.memory_allocated() / 2**20 if on_gpu else float("nan")
 
@@ -156,7 +158,7 @@ def main(argv=None) -> dict:
         rounds,
         generate=generate,
         memory_mb=device_memory_mb,
-        sync=torch.cuda.synchronize if on_gpu else (lambda: None),
+        sync=sync,
     )
     zipf_warmup = 4
     sequence = zipf_choices(zipf_warmup + args.zipf_requests, args.zipf_adapters, args.zipf, 0)
@@ -169,7 +171,7 @@ def main(argv=None) -> dict:
         zipf_warmup,
         args.slots,
         generate,
-        sync=torch.cuda.synchronize if on_gpu else (lambda: None),
+        sync=sync,
     )
     figures.update(zipf_figures)
     details.update(zipf_details)

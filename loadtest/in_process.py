@@ -221,6 +221,9 @@ def measure_zipf_workload(
     from safetensors.torch import load_file
 
     from deployments.adapters import ActiveAdapter, PipelineAdapters
+    from serve.loras.store import LoraStore
+
+    store = LoraStore(str(lora_root))  # the replica reads its files through the store
 
     def seconds(serve_one, requests: list[int]) -> float:
         sync()
@@ -247,7 +250,7 @@ def measure_zipf_workload(
         else:
             if len(hot) >= slots:
                 adapters.release(hot.popitem(last=False)[1])
-            prepared = adapters.prepare((lora_root / name).read_bytes(), name)
+            prepared = adapters.prepare(store.read_bytes(store.resolve(name)), name)
             hot[name] = adapters.load_prepared(prepared)[0]
         adapters.activate([ActiveAdapter(hot[name], 1.0, 1.0)])
         generate()

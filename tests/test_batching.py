@@ -9,7 +9,6 @@ by size, never by the clock, however loaded the machine is.
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import httpx
 import numpy as np
@@ -19,7 +18,7 @@ from tests.test_flux_serving import (
     error_of,
     pixels,
     renders_interrupted,
-    renders_interrupted_become,
+    reported,
 )
 
 PREFIX = "/batching"
@@ -78,10 +77,7 @@ def counters(client) -> tuple[int, int]:
 
 def counters_become(client, expected: tuple[int, int]) -> tuple[int, int]:
     """The counters once the replica's report (sent after each batch) has arrived."""
-    deadline = time.monotonic() + 10
-    while (now := counters(client)) != expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return now
+    return reported(lambda: counters(client), expected, timeout_s=10)
 
 
 def assert_close_to_unbatched(batched: httpx.Response, unbatched: httpx.Response) -> None:
@@ -189,7 +185,7 @@ def test_a_batch_whose_clients_all_left_stops_and_the_next_is_intact(batching, s
     with concurrent.futures.ThreadPoolExecutor(BATCH) as pool:
         gone = list(pool.map(lambda r: _times_out(batching, r), slow))
     assert gone == [True] * BATCH
-    assert renders_interrupted_become(batching, before + 1) == before + 1
+    assert reported(lambda: renders_interrupted(batching), before + 1) == before + 1
     # The replica is free and renders the next batch as if nothing had happened.
     requests = [body(seed, lora_id="a") for seed in (21, 22, 23, 24)]
     assert_rendered_in_calls(batching, service, requests, calls=1)

@@ -185,7 +185,7 @@ def test_a_request_abandoned_by_its_client_leaves_the_next_one_intact(service):
     assert generate(service, lora_id="b").content == expected
     assert generate(service, "/flux").status_code == 200
     # The abandoned render stopped early, not after its 150 steps.
-    assert renders_interrupted_become(service, before + 1) == before + 1
+    assert reported(lambda: renders_interrupted(service), before + 1) == before + 1
 
 
 def renders_interrupted(client) -> int:
@@ -194,11 +194,12 @@ def renders_interrupted(client) -> int:
     return sum(replica["renders_interrupted"] for replica in model["replicas"])
 
 
-def renders_interrupted_become(client, expected: int) -> int:
-    """The count once the replicas' reports have arrived (or what it is after 60 s)."""
-    deadline = time.monotonic() + 60
-    while (now := renders_interrupted(client)) < expected and time.monotonic() < deadline:
-        time.sleep(0.2)
+def reported(read, expected, timeout_s: float = 60):
+    """`read()` once it gives `expected` (the replicas report their state asynchronously), or
+    what it gives after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while (now := read()) != expected and time.monotonic() < deadline:
+        time.sleep(0.1)
     return now
 
 
