@@ -30,10 +30,11 @@ from deployments.adapters import (
 from deployments.batching import GroupRenders, batch_key, batched_pipeline_kwargs
 from deployments.family import get_family
 from deployments.loading import load_pipeline
-from serve.config import ModelConfig, RemoteLoraConfig
+from serve.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
 from serve.errors import InvalidRequest
 from serve.loras.merge import adapter_factors, concatenate, merged_file
 from serve.loras.remote import RemoteLoraCache
+from serve.loras.root_cache import RootCache
 from serve.loras.store import LoraRef, LoraStore
 from serve.media import encode_image, encode_video, image_size
 from serve.registry import registry_for
@@ -58,7 +59,13 @@ class HotAdapter:
 
 
 class DiffusionDeployment:
-    def __init__(self, model: dict | ModelConfig, lora_root: str, remote_loras: dict | None = None):
+    def __init__(
+        self,
+        model: dict | ModelConfig,
+        lora_root: str,
+        remote_loras: dict | None = None,
+        lora_root_cache: dict | None = None,
+    ):
         self.model = ModelConfig.model_validate(model)
         self.family = get_family(self.model.family)
         # One thread runs all of this replica's tensor work: the pipeline's load, adapter
@@ -72,6 +79,9 @@ class DiffusionDeployment:
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-torch")
         self.pipe, self.adapters = self._torch.submit(self._load_pipeline).result()
         self.store = LoraStore(lora_root)
+        self.root_cache = RootCache(
+            self.store, LoraRootCacheConfig.model_validate(lora_root_cache or {})
+        )
         self.remote = RemoteLoraCache(RemoteLoraConfig.model_validate(remote_loras or {}))
         self._lock = asyncio.Lock()
         self._hot: dict[str, str] = {}  # store key -> peft adapter name, in load order
@@ -332,6 +342,7 @@ class DiffusionDeployment:
             "requests_batched": self._requests_batched,
             "renders_interrupted": self._renders_interrupted,
             "remote_lora_cache": self.remote.stats() if self.remote.config.enabled else None,
+            "lora_root_cache": self.root_cache.stats(),
             "rss_mb": round(_resident_memory_mb(), 1),
         }
 
@@ -404,7 +415,7 @@ class DiffusionDeployment:
         if use.url is not None:  # through the node's disk cache, checked again against config
             data = self.remote.fetch(use.url)
         else:
-            data = self.store.read_bytes(LoraRef(name=name, version=version))
+            data = self.root_cache.read_bytes(LoraRef(name=name, version=version))
         return self.adapters.prepare(data, name)
 
     async def _load_adapter(self, key: str) -> HotAdapter:

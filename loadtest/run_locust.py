@@ -152,6 +152,10 @@ def summarize(out: Path, replicas: dict[str, list[dict]], args, locust_rc: int) 
             "adapter_loads_per_replica": {r["replica_id"]: r["adapter_loads"] for r in states},
             "adapter_evictions": sum(r["adapter_evictions"] for r in states),
             "rss_mb_per_replica": {r["replica_id"]: r["rss_mb"] for r in states},
+            # Reads of lora_root against reads of the node's copy (None: the cache is off).
+            "lora_root_cache_per_replica": {
+                r["replica_id"]: _reads(r.get("lora_root_cache")) for r in states
+            },
         }
     summary = {
         **figures(total),
@@ -186,9 +190,21 @@ def summarize(out: Path, replicas: dict[str, list[dict]], args, locust_rc: int) 
     for model, entry in deployments.items():
         loads = list(entry["adapter_loads_per_replica"].values())
         lines.append(f"| {model} | {entry['hit_rate']} | {loads} | {entry['adapter_evictions']} |")
+    cached = {
+        model: list(entry["lora_root_cache_per_replica"].values())
+        for model, entry in deployments.items()
+        if any(entry["lora_root_cache_per_replica"].values())
+    }
+    if cached:
+        lines += ["", "Node cache of lora_root per replica (reads of lora_root, of the copy):"]
+        lines += [f"- {model}: {reads}" for model, reads in cached.items()]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return summary
+
+
+def _reads(cache: dict | None) -> dict | None:
+    return None if cache is None else {"downloads": cache["downloads"], "hits": cache["hits"]}
 
 
 def main(argv=None) -> int:

@@ -66,6 +66,7 @@ def deploy(
             model.model_dump(mode="json"),
             config.lora_root,
             config.remote_loras.model_dump(mode="json"),
+            config.lora_root_cache.model_dump(mode="json"),
         )
         for model in config.models
     }

@@ -41,6 +41,7 @@ def build_app(args: dict) -> serve.Application:
             model.model_dump(mode="json"),
             config.lora_root,
             config.remote_loras.model_dump(mode="json"),
+            config.lora_root_cache.model_dump(mode="json"),
         )
         for model in config.models
     }

@@ -169,6 +169,39 @@ class RemoteLoraConfig(BaseModel):
         return self
 
 
+DEFAULT_ROOT_CACHE_DIR = "~/.cache/loraplex/lora-root"
+
+
+class LoraRootCacheConfig(BaseModel):
+    """A node-local disk cache of the files replicas read from `lora_root`, keyed by each file's
+    version: an adapter evicted from a replica and asked for again is read from the node's
+    disk, not fetched from the object store again. Shared by the replicas of a node, trimmed
+    least-recently-used to a byte budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="auto: when lora_root is not a local folder (s3://, gs://, any other fsspec "
+        "protocol); always: also for a local folder, such as an NFS or EFS mount whose reads "
+        "cross the network; never: every load reads lora_root.",
+    )
+    cache_dir: str = Field(
+        default=DEFAULT_ROOT_CACHE_DIR,
+        min_length=1,
+        max_length=2048,
+        description="Node-local folder for the copies, shared by the replicas of a node (fast "
+        "local disk: NVMe); `~` is the replica's home. Not remote_loras.cache_dir.",
+    )
+    cache_budget_bytes: int = Field(
+        default=50 * 1024**3,
+        ge=1024,
+        le=100 * 1024**4,
+        description="Bytes the cache may hold; least-recently-used files go beyond it. A file "
+        "larger than the whole budget is read from lora_root each time.",
+    )
+
+
 class AppConfig(BaseModel):
     """The whole application: every served model plus what they share."""
 
@@ -223,6 +256,10 @@ class AppConfig(BaseModel):
         default_factory=RemoteLoraConfig,
         description="LoRAs by URL: off by default; an allowlist, a size limit and a disk cache.",
     )
+    lora_root_cache: LoraRootCacheConfig = Field(
+        default_factory=LoraRootCacheConfig,
+        description="A node-local disk cache of lora_root's files (on for object stores).",
+    )
 
     @field_validator("lora_root", "dataset_root", "train_storage_path")
     @classmethod
@@ -231,6 +268,18 @@ class AppConfig(BaseModel):
         if "://" in root:
             return root
         return os.path.abspath(root)
+
+    @model_validator(mode="after")
+    def _separate_cache_folders(self) -> AppConfig:
+        # Each cache trims the whole folder to its own budget: one folder would make them
+        # evict each other's files.
+        folders = (self.remote_loras.cache_dir, self.lora_root_cache.cache_dir)
+        if len({os.path.abspath(os.path.expanduser(folder)) for folder in folders}) == 1:
+            raise ValueError(
+                "lora_root_cache.cache_dir: must not be remote_loras.cache_dir "
+                f"({self.remote_loras.cache_dir})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_names_and_endpoints(self) -> AppConfig:

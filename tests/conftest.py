@@ -184,6 +184,12 @@ def service(ray_cluster, lora_root, dataset_root, train_storage, tmp_path_factor
         "allowed_schemes": ["http"],
         "cache_dir": str(tmp_path_factory.mktemp("lora-cache")),
     }
+    # The test root is a local folder, which `auto` reads directly; `always` puts every
+    # serving test through the node cache that object-store roots get in production.
+    args["lora_root_cache"] = {
+        "mode": "always",
+        "cache_dir": str(tmp_path_factory.mktemp("lora-root-cache")),
+    }
     for model in args["models"]:
         model["max_adapters_per_replica"] = MAX_ADAPTERS
     serve.run(build_app(args), name="loraplex", route_prefix="/")

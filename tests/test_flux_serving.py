@@ -79,12 +79,20 @@ def test_cache_misses_then_hits_and_evicts_least_recently_used(service):
 
 
 def test_evicted_adapter_reloads_to_the_same_image(service):
+    def root_cache() -> dict:
+        [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
+        return flux["replicas"][0]["lora_root_cache"]
+
     first = generate(service, lora_id="f")
     for other in ("g", "h"):
         generate(service, lora_id=other)
+    before = root_cache()
     reloaded = generate(service, lora_id="f")
     assert reloaded.headers["X-LoRA-Cache"] == "miss"
     assert reloaded.content == first.content
+    # The reload read the node's copy of the file, not the LoRA root.
+    assert reported(lambda: root_cache()["hits"], before["hits"] + 1, 10) == before["hits"] + 1
+    assert root_cache()["downloads"] == before["downloads"]
 
 
 def test_concurrent_requests_with_different_adapters_match_sequential(service):

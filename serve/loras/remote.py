@@ -1,44 +1,33 @@
 """LoRAs by URL: the allowlist check, and a node-local disk cache of fetched files.
 
 The ingress checks a URL against the allowlist and names the adapter after it; a replica fetches
-the file through `RemoteLoraCache`, which every replica of a node shares. A cached file is named
-by the sha256 of its normalised URL, so a URL is taken to name one immutable file (as versioned
-hub and bucket URLs do): a changed file needs a new URL. The cache keeps at most
-`cache_budget_bytes`, dropping the least recently used files first; a file's modification time
-is its last use.
-
-One download per URL at a time, across threads and across the replica processes of a node: a
-per-URL file lock around "look in the cache, else download", so a second caller waits and then
-finds the file. Downloads go to a temporary file renamed into place, so a reader never sees a
-partial file and a failed download leaves nothing behind.
+the file through `RemoteLoraCache`, into the node's disk cache (disk_cache.py: one download per
+URL at a time across the node's replicas, a byte budget, least recently used dropped first). A
+cached file is named by the sha256 of its normalised URL, so a URL is taken to name one
+immutable file (as versioned hub and bucket URLs do): a changed file needs a new URL.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
 import time
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
 import fsspec
 import httpx
-from filelock import FileLock, Timeout
+from filelock import Timeout
 
 from serve.config import RemoteLoraConfig
 from serve.errors import InvalidRequest, LoraNotFound, RemoteFetchFailed, TooLarge
+from serve.loras.disk_cache import DiskCache, OverBudget
 from serve.loras.store import LoraRef
 
 HTTP_SCHEMES = ("http", "https")
 DEFAULT_PORTS = {"http": 80, "https": 443}
 MAX_REDIRECTS = 5
 CHUNK_BYTES = 1024 * 1024
-CACHED_SUFFIX = ".safetensors"
-PART_SUFFIX = ".part"
 LOCK_SLACK_S = 60  # a waiter allows the download it waits for this much beyond timeout_s
 
 
@@ -96,132 +85,44 @@ def check_url(url: str, config: RemoteLoraConfig, field: str) -> RemoteSource:
 
 
 class RemoteLoraCache:
-    """Fetches allowed URLs into a disk cache with a byte budget; thread- and process-safe."""
+    """Fetches allowed URLs into the node's disk cache (disk_cache.py), a file named by the
+    sha256 of its URL; thread- and process-safe."""
 
     def __init__(self, config: RemoteLoraConfig):
         self.config = config
-        self.root = Path(os.path.expanduser(config.cache_dir)).resolve()
-        self._index_lock = threading.Lock()
-        self.downloads = self.hits = self.evictions = self.bytes_downloaded = 0
+        self.cache = DiskCache(
+            config.cache_dir,
+            config.cache_budget_bytes,
+            lock_wait_s=config.timeout_s + LOCK_SLACK_S,
+            stale_part_s=config.timeout_s * 2 + 60,
+        )
 
     def fetch(self, url: str) -> bytes:
         """The file's bytes, downloaded on first use and read from the cache after that."""
         source = check_url(url, self.config, "url")
-        self.root.mkdir(parents=True, exist_ok=True)
-        path = self.root / f"{source.digest}{CACHED_SUFFIX}"
-        # Per URL, so different URLs download in parallel. flock also excludes other threads of
-        # this process: each FileLock object opens its own descriptor.
-        lock_wait_s = self.config.timeout_s + LOCK_SLACK_S
-        url_lock = FileLock(self.root / f"{source.digest}.lock", timeout=lock_wait_s)
         try:
-            with url_lock:
-                handle = self._open_cached(path)
-                if handle is None:
-                    handle = self._download_into_cache(source, path)
-                else:
-                    self._count(hits=1)
+            return self.cache.fetch(source.digest, lambda out: self._download(source, out))
         except Timeout as e:
             raise RemoteFetchFailed(
                 f"url {source.display}: another download of it took over "
-                f"{lock_wait_s:g} s (timeout_s)"
+                f"{self.cache.lock_wait_s:g} s (timeout_s)"
             ) from e
-        # Read outside the lock: an open file survives an eviction that unlinks it meanwhile.
-        with handle:
-            return handle.read()
+        except OverBudget as e:
+            raise TooLarge(
+                f"url {source.display}: {e.size_bytes} bytes is over the cache budget "
+                f"(cache_budget_bytes={self.config.cache_budget_bytes})"
+            ) from e
 
     def stats(self) -> dict:
         """Counters of this process, plus what the shared cache folder holds now."""
-        files = self._cached_files()
-        return {
-            "downloads": self.downloads,
-            "hits": self.hits,
-            "evictions": self.evictions,
-            "bytes_downloaded": self.bytes_downloaded,
-            "cached_files": len(files),
-            "cached_bytes": sum(size for _, size, _ in files),
-        }
+        return self.cache.stats()
 
-    def _open_cached(self, path: Path) -> BinaryIO | None:
-        with self._cache_lock():
-            try:
-                handle = path.open("rb")
-            except FileNotFoundError:
-                return None
-            _touch(path)
-            return handle
-
-    def _download_into_cache(self, source: RemoteSource, path: Path) -> BinaryIO:
-        part = self.root / f"{source.digest}.{uuid.uuid4().hex}{PART_SUFFIX}"
-        try:
-            size = self._download(source, part)
-            if size > self.config.cache_budget_bytes:
-                raise TooLarge(
-                    f"url {source.display}: {size} bytes is over the cache budget "
-                    f"(cache_budget_bytes={self.config.cache_budget_bytes})"
-                )
-            with self._cache_lock():
-                os.replace(part, path)
-                _touch(path)
-                handle = path.open("rb")
-                evicted = self._evict_over_budget(keep=path)
-                self._remove_stale_parts()
-        finally:
-            part.unlink(missing_ok=True)
-        self._count(downloads=1, bytes_downloaded=size, evictions=evicted)
-        return handle
-
-    def _evict_over_budget(self, keep: Path) -> int:
-        """Drop least-recently-used files until the cache fits its budget; never `keep`."""
-        files = self._cached_files()
-        total = sum(size for _, size, _ in files)
-        evicted = 0
-        for file, size, _last_use in sorted(files, key=lambda f: (f[2], f[0].name)):
-            if total <= self.config.cache_budget_bytes:
-                break
-            if file == keep:
-                continue
-            file.unlink(missing_ok=True)
-            total -= size
-            evicted += 1
-        return evicted
-
-    def _remove_stale_parts(self) -> None:
-        # Downloads end in rename or unlink; a part file outliving any timeout is a crash's.
-        cutoff_ns = time.time_ns() - int((self.config.timeout_s * 2 + 60) * 1e9)
-        for part in self.root.glob(f"*{PART_SUFFIX}"):
-            try:
-                if part.stat().st_mtime_ns < cutoff_ns:
-                    part.unlink()
-            except FileNotFoundError:
-                continue
-
-    def _cached_files(self) -> list[tuple[Path, int, int]]:
-        """(path, size, last use in ns) of every complete file in the cache."""
-        files = []
-        for file in self.root.glob(f"*{CACHED_SUFFIX}"):
-            try:
-                stat = file.stat()
-            except FileNotFoundError:  # evicted by another process meanwhile
-                continue
-            files.append((file, stat.st_size, stat.st_mtime_ns))
-        return files
-
-    def _cache_lock(self) -> FileLock:
-        # Guards the folder as a whole (insert, touch, evict) across the node's processes.
-        return FileLock(self.root / ".cache.lock", timeout=60)
-
-    def _count(self, **increments: int) -> None:
-        with self._index_lock:
-            for name, value in increments.items():
-                setattr(self, name, getattr(self, name) + value)
-
-    def _download(self, source: RemoteSource, part: Path) -> int:
-        """Write the URL's bytes into `part`; its size. Every limit is checked as bytes arrive."""
+    def _download(self, source: RemoteSource, out: BinaryIO) -> int:
+        """Write the URL's bytes into `out`; their size. Every limit is checked as bytes arrive."""
         deadline = time.monotonic() + self.config.timeout_s
-        with part.open("wb") as out:
-            if source.url.split("://", 1)[0] in HTTP_SCHEMES:
-                return self._download_http(source, out, deadline)
-            return self._download_fsspec(source, out, deadline)
+        if source.url.split("://", 1)[0] in HTTP_SCHEMES:
+            return self._download_http(source, out, deadline)
+        return self._download_fsspec(source, out, deadline)
 
     def _download_http(self, source: RemoteSource, out: BinaryIO, deadline: float) -> int:
         timeout = httpx.Timeout(self.config.timeout_s)
@@ -302,9 +203,3 @@ class RemoteLoraCache:
             f"url {source.display}: download timed out after {self.config.timeout_s:g} s "
             f"(timeout_s)"
         )
-
-
-def _touch(path: Path) -> None:
-    """Mark a file as used now; nanoseconds given explicitly, so close uses still order."""
-    now_ns = time.time_ns()
-    os.utime(path, ns=(now_ns, now_ns))

@@ -14,6 +14,7 @@ import posixpath
 import struct
 import uuid
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -24,6 +25,7 @@ from serve.loras.files import MAX_HEADER_BYTES, read_header
 LORA_SUFFIX = ".safetensors"
 MAX_NAME_CHARS = 512
 STAGING_FOLDER = ".uploads"
+COPY_CHUNK_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,8 @@ class LoraStore:
         self.root_uri = root
         self.fs, root_path = fsspec.core.url_to_fs(root)
         self.root = root_path.rstrip("/") or "/"
-        self._is_local = isinstance(self.fs, LocalFileSystem)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        """A folder of this machine's file system (which may itself be a network mount)."""
 
     def path_of(self, name: str) -> str:
         """The file-system path of a checked name (no I/O)."""
@@ -75,7 +78,7 @@ class LoraStore:
     def resolve(self, name: str) -> LoraRef:
         """The current version of `name`; LoraNotFound when absent or outside the root."""
         path = self.path_of(name)
-        if self._is_local and not self._inside_root(path):
+        if self.is_local and not self._inside_root(path):
             raise _not_found(name)
         try:
             info = self.fs.info(path)
@@ -98,7 +101,7 @@ class LoraStore:
                 check_name(name)
             except LoraNotFound:
                 continue  # hidden, not .safetensors, or an odd name: never servable
-            if self._is_local and not self._inside_root(posixpath.join(self.root, name)):
+            if self.is_local and not self._inside_root(posixpath.join(self.root, name)):
                 continue
             files.append((LoraRef(name=name, version=_version_of(info)), int(info["size"])))
         return sorted(files, key=lambda item: item[0].name)
@@ -145,14 +148,14 @@ class LoraStore:
     def publish(self, staged_path: str, name: str) -> LoraRef:
         """Move a staged file to `name` (replacing any file there) and return its version."""
         path = self.path_of(name)
-        if self._is_local and not self._inside_root(path):
+        if self.is_local and not self._inside_root(path):
             raise _not_found(name)
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self._move(staged_path, path)
         return self.resolve(name)
 
     def _move(self, source: str, target: str) -> None:
-        if self._is_local:
+        if self.is_local:
             os.replace(source, target)  # atomic on one file system; .uploads/ is on the root's
         else:
             self.fs.mv(source, target)  # object stores: a copy, visible once complete
@@ -163,6 +166,19 @@ class LoraStore:
             return self.fs.cat_file(self.path_of(ref.name))
         except FileNotFoundError as e:
             raise _not_found(ref.name) from e
+
+    def copy_to(self, ref: LoraRef, out: BinaryIO) -> int:
+        """Stream the file into `out`, in chunks (a file may be gigabytes); its size in bytes.
+        LoraNotFound if it vanished since it was resolved."""
+        size = 0
+        try:
+            with self.fs.open(self.path_of(ref.name), "rb") as file:
+                while chunk := file.read(COPY_CHUNK_BYTES):
+                    out.write(chunk)
+                    size += len(chunk)
+        except FileNotFoundError as e:
+            raise _not_found(ref.name) from e
+        return size
 
     def read_metadata(self, ref: LoraRef) -> dict[str, str]:
         """The file's safetensors metadata, reading only its header, never the tensors."""
