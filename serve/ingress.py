@@ -261,7 +261,7 @@ class Ingress:
         """Begin a resumable upload: `{filename, total_size, sha256, metadata}` -> upload_id."""
         start = _validated(UploadStart, await _read_json(request, self.config.max_body_bytes))
         self._check_family(start.family)
-        self._check_free(start.filename, start.overwrite, "filename")
+        await asyncio.to_thread(self._check_free, start.filename, start.overwrite, "filename")
         state = await asyncio.to_thread(self.uploads.start, start)
         return self.uploads.describe(state)
 
@@ -321,8 +321,8 @@ class Ingress:
         stack of the inputs at their ratios does."""
         merge = _validated(MergeRequest, await _read_json(request, self.config.max_body_bytes))
         self._check_family(merge.family)
-        self._check_free(merge.output, merge.overwrite, "output")
-        refs = [self.store.resolve(item.name) for item in merge.inputs]
+        await asyncio.to_thread(self._check_free, merge.output, merge.overwrite, "output")
+        refs = [await asyncio.to_thread(self.store.resolve, item.name) for item in merge.inputs]
         entries = [await asyncio.to_thread(self.catalog.entry_of, ref) for ref in refs]
         for entry in entries:
             if entry["error"]:
@@ -360,7 +360,7 @@ class Ingress:
         validated; `?family=` validates against that family, `?overwrite=true` replaces."""
         name = checked_target(name, "name")
         self._check_family(family)
-        self._check_free(name, overwrite, "name")
+        await asyncio.to_thread(self._check_free, name, overwrite, "name")
         limit = min(self.config.max_body_bytes, self.config.max_lora_bytes)
         data = await _read_body(request, limit)
         await self._validate(data, name, family)
@@ -450,7 +450,10 @@ class Ingress:
             generation = get_family(model.family).request_model.model_validate(body)
         except ValidationError as e:
             raise InvalidRequest(_describe_validation_error(e)) from e
-        job = self._job_for(model, generation, lora_required)
+        # Off the event loop: resolving names reads the LoRA root (on an object store, a
+        # request per file; "auto" trigger words read file headers), which would hold up every
+        # other request this ingress replica is serving meanwhile.
+        job = await asyncio.to_thread(self._job_for, model, generation, lora_required)
         family = get_family(model.family)
         if family.check_job is not None:
             family.check_job(job)
@@ -613,6 +616,6 @@ class Ingress:
         )
 
     async def _publish(self, data: bytes, name: str, overwrite: bool, field: str) -> dict:
-        self._check_free(name, overwrite, field)
+        await asyncio.to_thread(self._check_free, name, overwrite, field)
         ref = await asyncio.to_thread(self.store.write, name, data)
         return await asyncio.to_thread(self.catalog.remember, ref, data)
