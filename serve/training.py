@@ -39,6 +39,7 @@ from cluster.train.config import (
 from serve.config import AppConfig
 from serve.errors import InvalidRequest, JobServerUnavailable, LoraplexError, NotFound
 from serve.loras.remote import check_url
+from serve.storage import shared_root
 
 MAX_DATASET_IMAGES = 10_000
 MAX_NAME_CHARS = 256
@@ -117,7 +118,7 @@ class Datasets:
     """Datasets under one fsspec root: `<name>/<stem>.png` + `<stem>.txt` pairs."""
 
     def __init__(self, root: str):
-        self.fs, root_path = fsspec.core.url_to_fs(root)
+        self.fs, root_path = shared_root(root)
         self.root = root_path.rstrip("/") or "/"
         self._is_local = isinstance(self.fs, LocalFileSystem)
 
@@ -226,7 +227,7 @@ class TrainingJobs:
 
     def __init__(self, config: AppConfig):
         self.config = config
-        self.fs, root = fsspec.core.url_to_fs(config.train_storage_path)
+        self.fs, root = shared_root(config.train_storage_path)
         self.storage_root = root.rstrip("/") or "/"
         self._client = None
         self._gcs_address: str | None = None

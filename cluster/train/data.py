@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cluster.train.config import TrainJob
 from serve.errors import InvalidRequest
+from serve.storage import shared_root
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BUCKET_STEP_PX = 64  # every family's VAE x patch size divides it
@@ -59,7 +60,7 @@ def list_items(job: TrainJob) -> list[Item]:
     location = str(job.dataset)
     if "://" not in location and not location.startswith(("/", ".")):
         location = posixpath.join(job.dataset_root, location)
-    fs, root = fsspec.core.url_to_fs(location)
+    fs, root = shared_root(location)
     try:
         names = sorted(p for p in fs.ls(root, detail=False))
     except (FileNotFoundError, NotADirectoryError) as e:

@@ -11,7 +11,6 @@ import posixpath
 import tempfile
 import uuid
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageDraw
 
@@ -23,6 +22,7 @@ from cluster.train.config import (
     RunStatus,
     TrainJob,
 )
+from serve.storage import shared_root
 
 CURVE_SIZE_PX = (640, 360)
 CURVE_MARGIN_PX = 40
@@ -32,7 +32,7 @@ MAX_CURVE_POINTS = 2000
 def write_file(uri: str, data: bytes) -> None:
     """Write in one step: a temporary file moved into place (a copy on object stores, which
     only show an object once it is complete)."""
-    fs, path = fsspec.core.url_to_fs(uri)
+    fs, path = shared_root(uri)
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
     temporary = f"{path}.{uuid.uuid4().hex}.tmp"
     fs.pipe_file(temporary, data)
@@ -47,7 +47,7 @@ def write_status(run_dir: str, status: RunStatus) -> None:
 
 
 def read_status(run_dir: str) -> RunStatus | None:
-    fs, path = fsspec.core.url_to_fs(posixpath.join(run_dir, STATUS_FILE))
+    fs, path = shared_root(posixpath.join(run_dir, STATUS_FILE))
     try:
         return RunStatus.model_validate_json(fs.cat_file(path))
     except FileNotFoundError:
@@ -105,7 +105,7 @@ def write_sample(run_dir: str, step: int, index: int, image: Image.Image) -> str
 
 def list_checkpoints(run_dir: str) -> list[str]:
     """The run's checkpoint folders (`checkpoint_<time>`), oldest first."""
-    fs, path = fsspec.core.url_to_fs(posixpath.join(run_dir, CHECKPOINTS_FOLDER))
+    fs, path = shared_root(posixpath.join(run_dir, CHECKPOINTS_FOLDER))
     try:
         found = fs.ls(path, detail=True)
     except FileNotFoundError:

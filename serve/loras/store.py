@@ -16,11 +16,11 @@ import uuid
 from dataclasses import dataclass
 from typing import BinaryIO
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from serve.errors import LoraNotFound
 from serve.loras.files import MAX_HEADER_BYTES, read_header
+from serve.storage import shared_root
 
 LORA_SUFFIX = ".safetensors"
 MAX_NAME_CHARS = 512
@@ -66,7 +66,7 @@ def check_name(name: str) -> str:
 class LoraStore:
     def __init__(self, root: str):
         self.root_uri = root
-        self.fs, root_path = fsspec.core.url_to_fs(root)
+        self.fs, root_path = shared_root(root)
         self.root = root_path.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
         """A folder of this machine's file system (which may itself be a network mount)."""
