@@ -168,7 +168,10 @@ def test_a_hot_adapter_spreads_when_its_replica_is_crowded(routing):
     replicas = replicas_once_reported(client, loads_before + 1)
     assert sum(hot in r["hot_adapters"] for r in replicas) == 1
     time.sleep(1.0)  # the replica's report reaches the ingress's router
-    long = {**SMALL, "width": 512, "height": 512, "steps": 8, "lora_name": hot}
+    # Generations must outlast the ingress passing on five requests while it shares the 2
+    # cores: at 8 and at 16 steps (0.21 to 0.24 s a generation at 16) the holder sometimes
+    # never had 4 more in flight; at 48 steps (0.52 to 1.02 s) the test passed 5 runs in 5.
+    long = {**SMALL, "width": 512, "height": 512, "steps": 48, "lora_name": hot}
     bodies = [{**long, "seed": i} for i in range(12)]
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(lambda body: client.post("/flux-lora", json=body), bodies))
