@@ -55,7 +55,7 @@ def deploy(
     until it is ready."""
     from ray import serve
 
-    from serve.app import model_deployment
+    from serve.app import model_args, model_deployment
     from serve.config import AppConfig
     from serve.ingress import Ingress
 
@@ -63,10 +63,7 @@ def deploy(
     deployment = model_deployment()
     handles = {
         model.name: deployment.options(name=model.name, **options.get(model.name, {})).bind(
-            model.model_dump(mode="json"),
-            config.lora_root,
-            config.remote_loras.model_dump(mode="json"),
-            config.lora_root_cache.model_dump(mode="json"),
+            *model_args(config, model)
         )
         for model in config.models
     }

@@ -10,7 +10,7 @@ from ray.serve.config import RequestRouterConfig
 
 from deployments.base import DiffusionDeployment
 from serve.adapter_router import ROUTER_RAY_VERSIONS, AdapterAffinityRouter, router_supported
-from serve.config import AppConfig
+from serve.config import AppConfig, ModelConfig
 from serve.ingress import Ingress
 
 
@@ -32,17 +32,22 @@ def model_deployment() -> serve.Deployment:
     )
 
 
+def model_args(config: AppConfig, model: ModelConfig) -> tuple:
+    """DiffusionDeployment's arguments for one model of the app, in the JSON form Serve passes."""
+    return (
+        model.model_dump(mode="json"),
+        config.lora_root,
+        config.remote_loras.model_dump(mode="json"),
+        config.lora_root_cache.model_dump(mode="json"),
+    )
+
+
 def build_app(args: dict) -> serve.Application:
     """One DiffusionDeployment per configured model, named after it, behind one Ingress."""
     config = AppConfig.model_validate(args)
     deployment = model_deployment()
     handles = {
-        model.name: deployment.options(name=model.name).bind(
-            model.model_dump(mode="json"),
-            config.lora_root,
-            config.remote_loras.model_dump(mode="json"),
-            config.lora_root_cache.model_dump(mode="json"),
-        )
+        model.name: deployment.options(name=model.name).bind(*model_args(config, model))
         for model in config.models
     }
     return Ingress.bind(config.model_dump(mode="json"), handles)

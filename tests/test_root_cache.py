@@ -85,6 +85,21 @@ def test_the_replicas_of_a_node_download_a_file_once(tmp_path, bucket):
     assert sum(cache.stats()["hits"] for cache in caches) == 7
 
 
+def test_what_the_folder_holds_is_read_again_only_after_a_read(tmp_path, bucket):
+    """A replica reports its stats after every request; a request for a hot adapter reads no
+    file, and its report does not scan the folder."""
+    root, fs = bucket
+    for name in "ab":
+        put(fs, root, f"{name}.safetensors", os.urandom(FILE_BYTES))
+    mine, other = root_cache(tmp_path, root), root_cache(tmp_path, root)  # two replicas
+    mine.read_bytes(mine.store.resolve("a.safetensors"))
+    assert counts(mine, "cached_files") == (1,)
+    other.read_bytes(other.store.resolve("b.safetensors"))
+    assert counts(mine, "cached_files") == (1,)  # as of its own last read
+    mine.read_bytes(mine.store.resolve("b.safetensors"))
+    assert counts(mine, "cached_files", "hits") == (2, 1)
+
+
 def test_the_budget_keeps_the_most_recently_used_files(tmp_path, bucket):
     root, fs = bucket
     for index, name in enumerate("abc"):

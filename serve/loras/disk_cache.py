@@ -49,6 +49,9 @@ class DiskCache:
         self.stale_part_s = stale_part_s
         self._counter_lock = threading.Lock()
         self.downloads = self.hits = self.evictions = self.bytes_downloaded = 0
+        # What the folder held at the last scan (files, bytes), and this process's reads then.
+        self._folder: tuple[int, int] | None = None
+        self._reads_at_scan = 0
 
     def fetch(self, key: str, fill: Callable[[BinaryIO], int]) -> bytes:
         """The bytes cached under `key` (a file-name-safe string); on a miss, `fill(out)` writes
@@ -70,14 +73,24 @@ class DiskCache:
             return handle.read()
 
     def stats(self) -> dict:
-        files = self._cached_files()
+        """The counters, and what the folder holds as of this process's last read through the
+        cache. A replica reports its stats after every request, and a scan costs a stat per
+        file (9.6 ms for 1000 files beside their locks, timed once with a throwaway script): the
+        folder is scanned again only once this process has read through the cache since, which
+        a request for a hot adapter does not."""
+        reads = self.downloads + self.hits
+        if self._folder is None or reads != self._reads_at_scan:
+            files = self._cached_files()
+            self._folder = (len(files), sum(size for _, size, _ in files))
+            self._reads_at_scan = reads
+        cached_files, cached_bytes = self._folder
         return {
             "downloads": self.downloads,
             "hits": self.hits,
             "evictions": self.evictions,
             "bytes_downloaded": self.bytes_downloaded,
-            "cached_files": len(files),
-            "cached_bytes": sum(size for _, size, _ in files),
+            "cached_files": cached_files,
+            "cached_bytes": cached_bytes,
         }
 
     def _open_cached(self, path: Path) -> BinaryIO | None:

@@ -29,7 +29,6 @@ LOCK_WAIT_S = 600.0
 class RootCache:
     def __init__(self, store: LoraStore, config: LoraRootCacheConfig):
         self.store = store
-        self.config = config
         enabled = config.mode == "always" or (config.mode == "auto" and not store.is_local)
         self.cache = (
             DiskCache(
