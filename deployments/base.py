@@ -10,6 +10,7 @@ eviction therefore always waits for the generation in flight.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
 import resource
@@ -30,6 +31,7 @@ from deployments.adapters import (
 from deployments.batching import GroupRenders, batch_key, batched_pipeline_kwargs
 from deployments.family import get_family
 from deployments.loading import load_pipeline
+from deployments.shared_reads import SharedReads
 from serve.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
 from serve.errors import InvalidRequest
 from serve.loras.merge import adapter_factors, concatenate, merged_file
@@ -86,6 +88,8 @@ class DiffusionDeployment:
         self._lock = asyncio.Lock()
         self._hot: dict[str, str] = {}  # store key -> peft adapter name, in load order
         self._staged: dict[str, PreparedAdapter] = {}
+        # Cold files read once however many requests want them at a time (shared_reads.py).
+        self._reads: SharedReads[PreparedAdapter] = SharedReads()
         self._loads = self._hits = self._evictions = 0
         self._batches_run = self._requests_batched = 0
         # Pipeline calls stopped before their last step: every request in them had gone away.
@@ -144,27 +148,16 @@ class DiffusionDeployment:
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
         job = self._resolve_job(job)
-        # Read and parse cold files before taking the lock, so I/O overlaps other generations.
-        staged = {
-            use.key: await asyncio.to_thread(self._read_adapter, use)
-            for use in job.adapters
-            if use.key not in self._hot
-        }
-        if self.model.max_batch_size > 1:
-            image, inference_ms, cache = await self._generate_batched(job, staged)
-        else:
-            # Shielded: when Serve cancels a request (its client went away), the pipeline work
-            # already under way must finish before the lock is released, or the next request
-            # would change adapters under a generation still running in its thread. The
-            # interrupt makes the pipeline skip its remaining steps, so the abandoned work ends
-            # soon.
-            interrupted = threading.Event()
-            work = asyncio.ensure_future(self._generate_locked(job, staged, interrupted))
-            try:
-                image, inference_ms, cache = await asyncio.shield(work)
-            except asyncio.CancelledError:
-                interrupted.set()
-                raise
+        async with contextlib.AsyncExitStack() as held:
+            # Read and parse cold files before taking the lock, so I/O overlaps other
+            # generations; held while this request is served, so requests for the same cold
+            # file meanwhile share its one read and its one parsed copy.
+            staged = {
+                use.key: await held.enter_async_context(self._hold_read(use))
+                for use in job.adapters
+                if use.key not in self._hot
+            }
+            image, inference_ms, cache = await self._generate_staged(job, staged)
         content = await asyncio.to_thread(self._encode, image, job)
         gpu_seconds = inference_ms / 1000.0 * self._gpu_share
         cost_usd = gpu_seconds * self.model.price_per_gpu_hour / 3600.0
@@ -182,6 +175,21 @@ class DiffusionDeployment:
             lora_cache=cache,
             replica_id=self.replica_id,
         )
+
+    async def _generate_staged(self, job: GenerationJob, staged: dict):
+        if self.model.max_batch_size > 1:
+            return await self._generate_batched(job, staged)
+        # Shielded: when Serve cancels a request (its client went away), the pipeline work
+        # already under way must finish before the lock is released, or the next request would
+        # change adapters under a generation still running in its thread. The interrupt makes
+        # the pipeline skip its remaining steps, so the abandoned work ends soon.
+        interrupted = threading.Event()
+        work = asyncio.ensure_future(self._generate_locked(job, staged, interrupted))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            interrupted.set()
+            raise
 
     async def _generate_locked(
         self, job: GenerationJob, staged: dict, interrupted: threading.Event
@@ -295,7 +303,7 @@ class DiffusionDeployment:
             AdapterUse(key=key, name=key.rpartition("@")[0], strength=ratio, clip_strength=ratio)
             for key, ratio in inputs
         ]
-        staged = {use.key: await asyncio.to_thread(self._read_adapter, use) for use in uses}
+        staged = {use.key: await self._read_shared(use) for use in uses}
         components = {attr: getattr(self.pipe, attr) for attr in self.family.lora_components}
         components = {attr: c for attr, c in components.items() if c is not None}
         weighted = []
@@ -337,6 +345,9 @@ class DiffusionDeployment:
             "adapter_loads": self._loads,
             "adapter_hits": self._hits,
             "adapter_evictions": self._evictions,
+            # Cold files read, and requests that shared a read another request made.
+            "adapter_file_reads": self._reads.started,
+            "adapter_file_reads_shared": self._reads.joined,
             "max_batch_size": self.model.max_batch_size,
             "batches_run": self._batches_run,
             "requests_batched": self._requests_batched,
@@ -396,7 +407,7 @@ class DiffusionDeployment:
         for use in uses:
             hit = use.key in self._hot
             if not hit and use.key not in staged:
-                staged[use.key] = await asyncio.to_thread(self._read_adapter, use)
+                staged[use.key] = await self._read_shared(use)
             self._staged = staged
             try:
                 await self._get_adapter(use.key)
@@ -409,6 +420,16 @@ class DiffusionDeployment:
         if uses:
             self._report()
         return cache
+
+    def _hold_read(self, use: AdapterUse):
+        """The adapter's file, read and prepared (or joined to a read under way or held), held
+        while the `async with` block runs."""
+        return self._reads.hold(use.key, functools.partial(self._read_adapter, use))
+
+    async def _read_shared(self, use: AdapterUse) -> PreparedAdapter:
+        """The adapter's file as `_hold_read` gives it, for a caller that keeps it itself."""
+        async with self._hold_read(use) as prepared:
+            return prepared
 
     def _read_adapter(self, use: AdapterUse) -> PreparedAdapter:
         name, _, version = use.key.rpartition("@")

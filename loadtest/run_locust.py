@@ -151,6 +151,11 @@ def summarize(out: Path, replicas: dict[str, list[dict]], args, locust_rc: int) 
             "hit_rate": round(replica_hits / (replica_hits + loads), 3) if loads else None,
             "adapter_loads_per_replica": {r["replica_id"]: r["adapter_loads"] for r in states},
             "adapter_evictions": sum(r["adapter_evictions"] for r in states),
+            # Cold files read per replica; requests that shared another's read are not in it.
+            "adapter_file_reads_per_replica": {
+                r["replica_id"]: r["adapter_file_reads"] for r in states
+            },
+            "adapter_file_reads_shared": sum(r["adapter_file_reads_shared"] for r in states),
             "rss_mb_per_replica": {r["replica_id"]: r["rss_mb"] for r in states},
             # Reads of lora_root against reads of the node's copy (None: the cache is off).
             "lora_root_cache_per_replica": {
@@ -184,12 +189,17 @@ def summarize(out: Path, replicas: dict[str, list[dict]], args, locust_rc: int) 
         "",
         f"Adapter cache hit rate: {summary['cache_hit_rate_headers']} (X-LoRA-Cache headers)",
         "",
-        "| deployment | hit rate (replica counters) | adapter loads per replica | evictions |",
-        "|---|---|---|---|",
+        "| deployment | hit rate (replica counters) | adapter loads per replica | evictions "
+        "| file reads per replica | reads shared |",
+        "|---|---|---|---|---|---|",
     ]
     for model, entry in deployments.items():
         loads = list(entry["adapter_loads_per_replica"].values())
-        lines.append(f"| {model} | {entry['hit_rate']} | {loads} | {entry['adapter_evictions']} |")
+        reads = list(entry["adapter_file_reads_per_replica"].values())
+        lines.append(
+            f"| {model} | {entry['hit_rate']} | {loads} | {entry['adapter_evictions']} "
+            f"| {reads} | {entry['adapter_file_reads_shared']} |"
+        )
     cached = {
         model: list(entry["lora_root_cache_per_replica"].values())
         for model, entry in deployments.items()

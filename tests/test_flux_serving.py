@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import shutil
 import time
 
 import httpx
@@ -93,6 +94,37 @@ def test_evicted_adapter_reloads_to_the_same_image(service):
     # The reload read the node's copy of the file, not the LoRA root.
     assert reported(lambda: root_cache()["hits"], before["hits"] + 1, 10) == before["hits"] + 1
     assert root_cache()["downloads"] == before["downloads"]
+
+
+def test_requests_for_one_cold_adapter_share_one_file_read(service, lora_root):
+    def flux_replica() -> dict:
+        [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
+        return flux["replicas"][0]
+
+    # A file no request has used: cold on the replica.
+    shutil.copy(lora_root / "character-k.safetensors", lora_root / "character-burst.safetensors")
+    assert generate(service, lora_id="a").status_code == 200  # hot before the slow request
+    before = flux_replica()
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        # A long generation holds the replica's lock while the burst arrives, so every request
+        # of the burst finds the adapter cold and waits for its load.
+        slow = pool.submit(generate, service, lora_id="a", width=1024, height=1024, steps=48)
+        time.sleep(0.5)
+        burst = [pool.submit(generate, service, lora_id="burst") for _ in range(4)]
+        responses = [request.result() for request in burst]
+        assert slow.result().status_code == 200
+    assert all(response.status_code == 200 for response in responses)
+    assert len({response.content for response in responses}) == 1
+    assert sorted(r.headers["X-LoRA-Cache"] for r in responses) == ["hit", "hit", "hit", "miss"]
+    shared = before["adapter_file_reads_shared"] + 3
+    assert reported(lambda: flux_replica()["adapter_file_reads_shared"], shared, 10) == shared
+    after = flux_replica()
+    assert after["adapter_file_reads"] == before["adapter_file_reads"] + 1
+
+    def root_reads(replica: dict) -> int:
+        return replica["lora_root_cache"]["downloads"] + replica["lora_root_cache"]["hits"]
+
+    assert root_reads(after) == root_reads(before) + 1  # the file was read once, not 4 times
 
 
 def test_concurrent_requests_with_different_adapters_match_sequential(service):

@@ -92,6 +92,7 @@ def test_bench_and_locust_write_reports_without_failures(tmp_path):
     summary = json.loads((locust_out / "summary.json").read_text())
     assert summary["requests"] > 0 and summary["failures"] == 0
     assert summary["deployments"]["flux"]["adapter_loads_per_replica"]
+    assert summary["deployments"]["flux"]["adapter_file_reads_per_replica"]
     for name in ("locust_stats.csv", "locust.html", "summary.md"):
         assert (locust_out / name).stat().st_size > 0
 
