@@ -293,7 +293,9 @@ class DiffusionDeployment:
             tensors = self.adapters.file_tensors(PreparedAdapter(name, data))
             return self.adapters.check(tensors, name)
 
-        return await self._in_torch_thread(check)
+        # Beside the generation in flight, as a request's cold file is checked (`_read_adapter`):
+        # on the tensor thread an upload waited for the whole render, minutes for a video.
+        return await asyncio.to_thread(check)
 
     async def merge_loras(self, inputs: list[tuple[str, float]], trigger_words: list[str]) -> bytes:
         """One `.safetensors` file that applies the stack of `inputs` (store key, ratio) at

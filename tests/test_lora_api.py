@@ -6,8 +6,10 @@ sharing the session's LoRA root see it as it was.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import io
+import time
 import uuid
 
 import httpx
@@ -99,6 +101,23 @@ def test_put_list_serve_delete_round_trip(service, lora_root, flux_file):
     assert deleted.status_code == 200 and deleted.json() == {"deleted": name}
     assert_absent(service, lora_root, name)
     assert error_of(service.delete(f"/loras/{name}"), 404)["code"] == "lora_not_found"
+
+
+def test_an_upload_is_checked_beside_a_generation_not_after_it(service, flux_file):
+    name = unique("beside")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # About 3 s on the flux replica that checks the upload.
+        long = pool.submit(generate, service, width=1024, height=1024, steps=96)
+        time.sleep(0.5)
+        started = time.monotonic()
+        put = service.put(f"/loras/{name}", content=flux_file)
+        put_s = time.monotonic() - started
+        generation_s = float(long.result().headers["X-Inference-Ms"]) / 1000
+    assert put.status_code == 201, put.text
+    # Checked on the replica's tensor thread, the upload waited for the render (a debug run:
+    # 2.53 s of a 2.97 s one); beside it, 0.03 s.
+    assert put_s < generation_s / 4
+    assert service.delete(f"/loras/{name}").status_code == 200
 
 
 def test_listing_shows_every_file_with_its_facts_and_bad_files_with_an_error(service):
