@@ -161,19 +161,26 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
             super()._fulfill_next_pending_request(replica, request_metadata)
 
     def _crowded(self, holders: list[RunningReplica], others: list[RunningReplica]) -> bool:
-        """Whether every holder has `spread_queue_gap` more of this router's requests in
-        flight than the least busy other replica."""
+        """Whether every holder has `spread_queue_gap` more requests in flight than the least
+        busy other replica."""
 
         def in_flight(replica: RunningReplica) -> int:
-            return self._in_flight.get(replica.replica_id, 0)
+            # This router's own count is exact for its requests but blind to those of other
+            # routers (each ingress replica has one); Serve's queue-length cache holds what the
+            # replica last reported for all routers, plus this router's sends and completions
+            # since. The larger: with several ingress replicas the own count alone would spread
+            # an adapter only once each router had the whole gap on its own.
+            own = self._in_flight.get(replica.replica_id, 0)
+            reported = self._replica_queue_len_cache.get(replica.replica_id)
+            return own if reported is None else max(own, reported)
 
         least_busy_holder = min(map(in_flight, holders))
         return least_busy_holder - min(map(in_flight, others)) >= self._spread_queue_gap
 
     # This router's own count of its requests in flight per replica. Serve's queue-length
-    # cache would do, but the replicas' answers to each send overwrite it with counts that
-    # lag (a debug log of the spreading test showed 1 to 3 while 12 requests were outstanding
-    # on one replica).
+    # cache alone would not do: the replicas' answers to each send overwrite it with counts
+    # that lag (a debug log of the spreading test showed 1 to 3 while 12 requests were
+    # outstanding on one replica).
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)
         self._in_flight[replica_id] += 1

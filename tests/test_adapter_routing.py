@@ -92,6 +92,45 @@ def test_a_replica_leaving_moves_only_the_adapters_it_was_first_for():
     assert moved == {key for key in keys if before[key] == "r3"}
 
 
+def crowding(own: dict[str, int], reported: dict[str, int], gap: int = 4):
+    """`_crowded` of a router with these own counts and reported queue lengths, by replica."""
+    router = SimpleNamespace(
+        _spread_queue_gap=gap,
+        _in_flight=collections.Counter(own),
+        _replica_queue_len_cache=SimpleNamespace(get=reported.get),
+    )
+
+    def replicas(ids: list[str]) -> list[SimpleNamespace]:
+        return [SimpleNamespace(replica_id=replica_id) for replica_id in ids]
+
+    return lambda holders, others: AdapterAffinityRouter._crowded(
+        router, replicas(holders), replicas(others)
+    )
+
+
+def test_a_hot_adapter_spreads_on_the_routers_own_count():
+    crowded = crowding(own={"holder": 5, "other": 1}, reported={})
+    assert crowded(["holder"], ["other"])
+    assert not crowding(own={"holder": 4, "other": 1}, reported={})(["holder"], ["other"])
+
+
+def test_what_replicas_report_counts_when_it_is_more_than_the_routers_own():
+    # Two ingress replicas, each with 3 requests on the holder: neither has the gap of 4 on its
+    # own, but the holder reports 6.
+    crowded = crowding(own={"holder": 3}, reported={"holder": 6, "other": 1})
+    assert crowded(["holder"], ["other"])
+    # The other replica busy with other routers' requests: no spread.
+    assert not crowding(own={"holder": 6}, reported={"other": 3})(["holder"], ["other"])
+    # A report lower than the router's own count (it lags) does not lower it.
+    assert crowding(own={"holder": 6}, reported={"holder": 1})(["holder"], ["other"])
+
+
+def test_every_holder_must_be_crowded():
+    crowded = crowding(own={"a": 6, "b": 2}, reported={})
+    assert not crowded(["a", "b"], ["c"])
+    assert crowded(["a"], ["b", "c"])
+
+
 @pytest.fixture(scope="module")
 def routing(ray_cluster, tmp_path_factory):
     """The routing app with its own adapters; removed at the end of the module."""
