@@ -10,7 +10,8 @@ least recently used files first; a file's modification time is its last use.
 One fill per key at a time, across threads and processes: a per-key file lock around "look in
 the cache, else fill", so a second caller waits and then finds the file. A fill writes a
 temporary file that is renamed into place, so a reader never sees a partial file and a failed
-fill leaves nothing behind.
+fill leaves nothing behind. A key's lock file goes once its file is gone (evicted, or never
+filled) and nobody holds it, so lock files do not pile up over the keys a node ever saw.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 CACHED_SUFFIX = ".safetensors"
 PART_SUFFIX = ".part"
+LOCK_SUFFIX = ".lock"
+FOLDER_LOCK = ".cache.lock"
 
 
 class OverBudget(Exception):
@@ -62,7 +65,7 @@ class DiskCache:
         path = self.root / f"{key}{CACHED_SUFFIX}"
         # Per key, so different keys fill in parallel. flock also excludes other threads of
         # this process: each FileLock object opens its own descriptor.
-        with FileLock(self.root / f"{key}.lock", timeout=self.lock_wait_s):
+        with FileLock(self.root / f"{key}{LOCK_SUFFIX}", timeout=self.lock_wait_s):
             handle = self._open_cached(path)
             if handle is None:
                 handle = self._fill(key, path, fill)
@@ -115,6 +118,7 @@ class DiskCache:
                 handle = path.open("rb")
                 evicted = self._evict_over_budget(keep=path)
                 self._remove_stale_parts()
+                self._remove_unused_locks()
         finally:
             part.unlink(missing_ok=True)
         self._count(downloads=1, bytes_downloaded=size, evictions=evicted)
@@ -144,6 +148,21 @@ class DiskCache:
             except FileNotFoundError:
                 continue
 
+    def _remove_unused_locks(self) -> None:
+        """Delete the lock files of keys with no cached file that nobody holds. Each is taken
+        before it is deleted: filelock notices a lock file deleted under a waiter (the inode
+        it locked has no name) and opens the new one, so a fill waiting on it stays alone."""
+        cached = {file.name for file in self.root.glob(f"*{CACHED_SUFFIX}")}
+        for lock_path in self.root.glob(f"*{LOCK_SUFFIX}"):
+            key = lock_path.name.removesuffix(LOCK_SUFFIX)
+            if lock_path.name == FOLDER_LOCK or f"{key}{CACHED_SUFFIX}" in cached:
+                continue
+            try:
+                with FileLock(lock_path, timeout=0):
+                    lock_path.unlink(missing_ok=True)
+            except Timeout:
+                continue  # in use: a fill or a read of that key under way
+
     def _cached_files(self) -> list[tuple[Path, int, int]]:
         """(path, size, last use in ns) of every complete file in the cache."""
         files = []
@@ -157,7 +176,7 @@ class DiskCache:
 
     def _folder_lock(self) -> FileLock:
         # Guards the folder as a whole (insert, touch, evict) across the node's processes.
-        return FileLock(self.root / ".cache.lock", timeout=60)
+        return FileLock(self.root / FOLDER_LOCK, timeout=60)
 
     def _count(self, **increments: int) -> None:
         with self._counter_lock:
