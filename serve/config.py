@@ -252,6 +252,15 @@ class AppConfig(BaseModel):
         le=30 * 24 * 3600,
         description="A resumable upload not completed this long after it began is removed.",
     )
+    lora_resolve_cache_s: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=3600.0,
+        description="How long a generation request may use a LoRA name's version resolved by an "
+        "earlier request, instead of asking lora_root (on an object store, one HEAD request per "
+        "LoRA per request). A file overwritten in place elsewhere is served at its old version "
+        "for up to this long; a new file is found at once. 0: every request asks.",
+    )
     remote_loras: RemoteLoraConfig = Field(
         default_factory=RemoteLoraConfig,
         description="LoRAs by URL: off by default; an allowlist, a size limit and a disk cache.",

@@ -521,7 +521,7 @@ class Ingress:
                 source = check_url(spec.url, self.config.remote_loras, f"loras.{index}.url")
                 ref, url = source.ref, source.url
             else:
-                ref = self.store.resolve(spec.file_name)
+                ref = self.store.resolve(spec.file_name, self.config.lora_resolve_cache_s)
             if ref in refs:
                 raise InvalidRequest(f"loras: {ref.name} is listed twice")
             if spec.block_weights:
@@ -558,7 +558,7 @@ class Ingress:
         """The first file a prompt tag may mean (NAME.safetensors, then the character LoRA)."""
         for name in tag.file_names():
             try:
-                return self.store.resolve(name)
+                return self.store.resolve(name, self.config.lora_resolve_cache_s)
             except LoraNotFound:
                 continue
         raise LoraNotFound(f"LoRA not found: {tag.name}")

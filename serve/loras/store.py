@@ -12,7 +12,10 @@ import hashlib
 import os
 import posixpath
 import struct
+import threading
+import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -26,6 +29,8 @@ LORA_SUFFIX = ".safetensors"
 MAX_NAME_CHARS = 512
 STAGING_FOLDER = ".uploads"
 COPY_CHUNK_BYTES = 8 * 1024 * 1024
+# Bounds the memory of the recent resolves and of the headers' metadata, by names / versions.
+MAX_REMEMBERED = 4096
 
 
 @dataclass(frozen=True)
@@ -70,13 +75,39 @@ class LoraStore:
         self.root = root_path.rstrip("/") or "/"
         self.is_local = isinstance(self.fs, LocalFileSystem)
         """A folder of this machine's file system (which may itself be a network mount)."""
+        # name -> (monotonic time resolved, version), for `resolve(max_age_s=...)`; and the
+        # header metadata of file versions (a version's content never changes).
+        self._recent: OrderedDict[str, tuple[float, LoraRef]] = OrderedDict()
+        self._metadata: OrderedDict[LoraRef, dict[str, str]] = OrderedDict()
+        self._remembered_lock = threading.Lock()  # resolves run in worker threads
 
     def path_of(self, name: str) -> str:
         """The file-system path of a checked name (no I/O)."""
         return posixpath.join(self.root, check_name(name))
 
-    def resolve(self, name: str) -> LoraRef:
-        """The current version of `name`; LoraNotFound when absent or outside the root."""
+    def resolve(self, name: str, max_age_s: float = 0.0) -> LoraRef:
+        """The current version of `name`; LoraNotFound when absent or outside the root. With
+        `max_age_s` above 0, a version this store resolved at most that long ago answers
+        instead of the root (where each resolve is a request on an object store). Only found
+        files are remembered, so a newly published file is found at once; this store's own
+        writes and deletes update what it remembers."""
+        if max_age_s > 0:
+            with self._remembered_lock:
+                recent = self._recent.get(name)
+            if recent is not None and time.monotonic() - recent[0] <= max_age_s:
+                return recent[1]
+        try:
+            ref = self._resolve_in_root(name)
+        except LoraNotFound:
+            self._forget(name)
+            raise
+        with self._remembered_lock:
+            self._recent[name] = (time.monotonic(), ref)
+            self._recent.move_to_end(name)
+            _trim(self._recent)
+        return ref
+
+    def _resolve_in_root(self, name: str) -> LoraRef:
         path = self.path_of(name)
         if self.is_local and not self._inside_root(path):
             raise _not_found(name)
@@ -87,6 +118,10 @@ class LoraStore:
         if info.get("type") != "file":
             raise _not_found(name)
         return LoraRef(name=name, version=_version_of(info))
+
+    def _forget(self, name: str) -> None:
+        with self._remembered_lock:
+            self._recent.pop(name, None)
 
     def list_files(self) -> list[tuple[LoraRef, int]]:
         """Every servable file under the root, sorted by name, with its size in bytes."""
@@ -117,6 +152,7 @@ class LoraStore:
         """Remove a file; LoraNotFound when absent. Replicas holding it keep nothing stale:
         their cache key includes the file version, so a new file of that name loads afresh."""
         ref = self.resolve(name)
+        self._forget(name)
         try:
             self.fs.rm_file(self.path_of(name))
         except FileNotFoundError as e:
@@ -181,7 +217,19 @@ class LoraStore:
         return size
 
     def read_metadata(self, ref: LoraRef) -> dict[str, str]:
-        """The file's safetensors metadata, reading only its header, never the tensors."""
+        """The file's safetensors metadata, reading only its header, never the tensors; read
+        once per version."""
+        with self._remembered_lock:
+            known = self._metadata.get(ref)
+        if known is not None:
+            return dict(known)
+        metadata = self._read_metadata(ref)
+        with self._remembered_lock:
+            self._metadata[ref] = metadata
+            _trim(self._metadata)
+        return dict(metadata)
+
+    def _read_metadata(self, ref: LoraRef) -> dict[str, str]:
         try:
             with self.fs.open(self.path_of(ref.name), "rb") as file:
                 head = file.read(8)
@@ -195,6 +243,12 @@ class LoraStore:
     def _inside_root(self, path: str) -> bool:
         root = os.path.realpath(self.root)
         return os.path.realpath(path).startswith(root + os.sep)
+
+
+def _trim(remembered: OrderedDict) -> None:
+    """Drop the oldest entries beyond MAX_REMEMBERED (callers hold the lock)."""
+    while len(remembered) > MAX_REMEMBERED:
+        remembered.popitem(last=False)
 
 
 def _version_of(info: dict) -> str:
