@@ -294,7 +294,7 @@ class DiffusionDeployment:
             return self.adapters.check(tensors, name)
 
         # Beside the generation in flight, as a request's cold file is checked (`_read_adapter`):
-        # on the tensor thread an upload waited for the whole render, minutes for a video.
+        # on the tensor thread an upload waited for the whole render in flight.
         return await asyncio.to_thread(check)
 
     async def merge_loras(self, inputs: list[tuple[str, float]], trigger_words: list[str]) -> bytes:
