@@ -94,6 +94,8 @@ class DiffusionDeployment:
         self._batches_run = self._requests_batched = 0
         # Pipeline calls stopped before their last step: every request in them had gone away.
         self._renders_interrupted = 0
+        # Seconds spent in pipeline calls: the replica's busy time (its GPU's, on a GPU).
+        self._render_s = 0.0
         self._group_renders = GroupRenders()
 
         context = serve.get_replica_context()
@@ -354,6 +356,7 @@ class DiffusionDeployment:
             "batches_run": self._batches_run,
             "requests_batched": self._requests_batched,
             "renders_interrupted": self._renders_interrupted,
+            "render_s": round(self._render_s, 3),
             "remote_lora_cache": self.remote.stats() if self.remote.config.enabled else None,
             "lora_root_cache": self.root_cache.stats(),
             "rss_mb": round(_resident_memory_mb(), 1),
@@ -493,6 +496,7 @@ class DiffusionDeployment:
                 callback_on_step_end=stop_if_interrupted,
             )
         elapsed_s = time.perf_counter() - started
+        self._render_s += elapsed_s
         self._m_generation_s.observe(elapsed_s)
         media = output.frames if self.family.output == "video" else output.images
         return list(media[: len(jobs)]), elapsed_s * 1000.0

@@ -7,8 +7,9 @@ Starts the config's models (all, or `--models`) in a local Ray cluster of its ow
 `locust --headless` (loadtest/locustfile.py) for `--run-time`, and writes under `--out`:
 Locust's CSV files (locust_*.csv) and HTML report (locust.html), and summary.json/summary.md:
 requests/s, p50/p95/p99 latency, failures, the adapter cache hit rate from the X-LoRA-Cache
-headers and from the deployments' own counters (/models), and adapter loads per replica.
-Exits 1 when a request failed or none completed.
+headers and from the deployments' own counters (/models), adapter loads and file reads per
+replica, and the share of the run each replica spent in pipeline calls. Exits 1 when a request
+failed or none completed.
 """
 
 from __future__ import annotations
@@ -125,7 +126,30 @@ def read_stats(path: Path) -> list[dict]:
         return list(csv.DictReader(stats))
 
 
-def summarize(out: Path, replicas: dict[str, list[dict]], args, locust_rc: int) -> dict:
+def busy_shares(
+    before: dict[str, list[dict]], after: dict[str, list[dict]], run_s: float
+) -> dict[str, dict[str, float]]:
+    """Per model and replica: the share of the run's wall time (ramp-up and the last requests'
+    end included) the replica spent in pipeline calls."""
+    rendered_before = {r["replica_id"]: r["render_s"] for states in before.values() for r in states}
+    return {
+        model: {
+            r["replica_id"]: round(
+                (r["render_s"] - rendered_before.get(r["replica_id"], 0)) / run_s, 3
+            )
+            for r in states
+        }
+        for model, states in after.items()
+    }
+
+
+def summarize(
+    out: Path,
+    replicas: dict[str, list[dict]],
+    args,
+    locust_rc: int,
+    busy: dict[str, dict[str, float]] | None = None,
+) -> dict:
     rows = read_stats(out / "locust_stats.csv")
 
     def figures(row: dict) -> dict:
@@ -156,6 +180,8 @@ def summarize(out: Path, replicas: dict[str, list[dict]], args, locust_rc: int) 
                 r["replica_id"]: r["adapter_file_reads"] for r in states
             },
             "adapter_file_reads_shared": sum(r["adapter_file_reads_shared"] for r in states),
+            # The share of the run each replica spent in pipeline calls (its GPU busy, on GPUs).
+            "busy_share_per_replica": (busy or {}).get(model, {}),
             "rss_mb_per_replica": {r["replica_id"]: r["rss_mb"] for r in states},
             # Reads of lora_root against reads of the node's copy (None: the cache is off).
             "lora_root_cache_per_replica": {
@@ -190,15 +216,16 @@ def summarize(out: Path, replicas: dict[str, list[dict]], args, locust_rc: int) 
         f"Adapter cache hit rate: {summary['cache_hit_rate_headers']} (X-LoRA-Cache headers)",
         "",
         "| deployment | hit rate (replica counters) | adapter loads per replica | evictions "
-        "| file reads per replica | reads shared |",
-        "|---|---|---|---|---|---|",
+        "| file reads per replica | reads shared | busy share per replica |",
+        "|---|---|---|---|---|---|---|",
     ]
     for model, entry in deployments.items():
         loads = list(entry["adapter_loads_per_replica"].values())
         reads = list(entry["adapter_file_reads_per_replica"].values())
+        busy_share = list(entry["busy_share_per_replica"].values())
         lines.append(
             f"| {model} | {entry['hit_rate']} | {loads} | {entry['adapter_evictions']} "
-            f"| {reads} | {entry['adapter_file_reads_shared']} |"
+            f"| {reads} | {entry['adapter_file_reads_shared']} | {busy_share} |"
         )
     cached = {
         model: list(entry["lora_root_cache_per_replica"].values())
@@ -238,12 +265,15 @@ def main(argv=None) -> int:
         started = time.perf_counter()
         service.deploy(app_args, options, "loraplex")
         print(f"service ready at {url} in {time.perf_counter() - started:.0f} s", flush=True)
+        before = service.replica_states(url)
+        started = time.perf_counter()
         locust_rc = run_locust(url, args, out)
+        run_s = time.perf_counter() - started
         time.sleep(0.5)  # replicas report their counters to the registry asynchronously
         replicas = service.replica_states(url)
     finally:
         service.stop()
-    summary = summarize(out, replicas, args, locust_rc)
+    summary = summarize(out, replicas, args, locust_rc, busy_shares(before, replicas, run_s))
     return 0 if summary["requests"] and not summary["failures"] else 1
 
 
