@@ -106,9 +106,9 @@ def test_requests_for_one_cold_adapter_share_one_file_read(service, lora_root):
     assert generate(service, lora_id="a").status_code == 200  # hot before the slow request
     before = flux_replica()
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
-        # A long generation holds the replica's lock while the burst arrives, so every request
-        # of the burst finds the adapter cold and waits for its load.
-        slow = pool.submit(generate, service, lora_id="a", width=1024, height=1024, steps=48)
+        # A long generation (about 3 s) holds the replica's lock while the burst arrives, so
+        # every request of the burst finds the adapter cold and waits for its load.
+        slow = pool.submit(generate, service, lora_id="a", width=1024, height=1024, steps=96)
         time.sleep(0.5)
         burst = [pool.submit(generate, service, lora_id="burst") for _ in range(4)]
         responses = [request.result() for request in burst]
