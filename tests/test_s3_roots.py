@@ -106,3 +106,24 @@ def test_a_training_status_written_elsewhere_is_read_fresh(writer):
     writer.pipe(f"{BUCKET}/train/run-1/checkpoints/checkpoint_0002/x", b"x")
     assert read_status(run) == done
     assert list_checkpoints(run) == ["checkpoint_0001", "checkpoint_0002"]
+
+
+def test_the_lora_catalog_keeps_its_index_in_the_bucket(writer):
+    from serve.loras.catalog import Catalog
+    from serve.loras.store import LoraStore
+
+    class CountedStore(LoraStore):
+        reads = 0
+
+        def read_bytes(self, ref):
+            self.reads += 1
+            return super().read_bytes(ref)
+
+    root = f"s3://{BUCKET}/catalog-loras"
+    writer.pipe(f"{BUCKET}/catalog-loras/broken.safetensors", b"not a safetensors file")
+    first = Catalog(LoraStore(root)).entries()
+    assert [entry["name"] for entry in first] == ["broken.safetensors"]
+    assert first[0]["error"]  # listed with its error, as any bad file
+    assert writer.exists(f"{BUCKET}/catalog-loras/.loraplex/catalog.json")
+    again = CountedStore(root)  # another ingress replica
+    assert Catalog(again).entries() == first and again.reads == 0

@@ -1,26 +1,42 @@
 """`GET /loras`: every file under the LoRA root with its size, sha256 and detected facts.
 
 Hashing and parsing read the whole file, so each file version (the store's `LoraRef.key`) is
-inspected once and remembered; listing again only lists the root.
+inspected once and remembered; listing again only lists the root. What was inspected is also
+kept in an index file in the root's hidden folder, so another ingress replica, or this one after
+a restart, lists a root of thousands of adapters without downloading every file again. The index
+is only a cache: entries are by file version, so a changed file is inspected again, and an index
+that is missing, unreadable or of another format is rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 
 from serve.errors import LoraIncompatible, LoraNotFound
 from serve.loras.files import parse_lora_file
 from serve.loras.formats import inspect_lora
 from serve.loras.store import LoraRef, LoraStore
 
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "catalog.json"
+INDEX_FORMAT = 1
+
 
 class Catalog:
     def __init__(self, store: LoraStore):
         self.store = store
         self._entries: dict[str, dict] = {}  # LoraRef.key -> entry
+        self._indexed: set[str] | None = None  # the keys the index holds; None: not read yet
 
     def entries(self, family: str | None = None) -> list[dict]:
         """One entry per servable file, sorted by name; `family` keeps that family's only."""
+        if self._indexed is None:
+            indexed = self._read_index()
+            self._entries = {**indexed, **self._entries}
+            self._indexed = set(indexed)
         entries = {}
         for ref, _size in self.store.list_files():
             try:
@@ -28,6 +44,8 @@ class Catalog:
             except LoraNotFound:
                 continue  # deleted while listing
         self._entries = entries  # forget versions that no longer exist
+        if set(entries) != self._indexed:
+            self._write_index(entries)
         return [e for e in entries.values() if family is None or e["family"] == family]
 
     def entry_of(self, ref: LoraRef) -> dict:
@@ -42,6 +60,32 @@ class Catalog:
         entry = inspect_file(data, ref)
         self._entries[ref.key] = entry
         return entry
+
+    def _read_index(self) -> dict[str, dict]:
+        try:
+            index = json.loads(self.store.fs.cat_file(self.store.private_path(INDEX_FILE)))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:
+            logger.warning("LoRA catalog index unreadable, rebuilding it: %s", e)
+            return {}
+        if not isinstance(index, dict) or index.get("format") != INDEX_FORMAT:
+            return {}
+        entries = index.get("entries")
+        if not isinstance(entries, dict):
+            return {}
+        return {k: v for k, v in entries.items() if isinstance(v, dict) and "name" in v}
+
+    def _write_index(self, entries: dict[str, dict]) -> None:
+        """Replace the index in one step. Two ingress replicas writing at once: the last one
+        wins, and what the other added is inspected again by whoever lists next."""
+        data = json.dumps({"format": INDEX_FORMAT, "entries": entries}).encode()
+        try:
+            self.store.write_staged(self.store.private_path(INDEX_FILE), data)
+        except OSError as e:  # a read-only root still lists, each replica inspecting for itself
+            logger.warning("LoRA catalog index not written: %s", e)
+            return
+        self._indexed = set(entries)
 
 
 def inspect_file(data: bytes, ref: LoraRef) -> dict:

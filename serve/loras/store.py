@@ -28,6 +28,7 @@ from serve.storage import shared_root
 LORA_SUFFIX = ".safetensors"
 MAX_NAME_CHARS = 512
 STAGING_FOLDER = ".uploads"
+PRIVATE_FOLDER = ".loraplex"  # loraplex's own files in the root (the catalog's index)
 COPY_CHUNK_BYTES = 8 * 1024 * 1024
 # Bounds the memory of the recent resolves and of the headers' metadata, by names / versions.
 MAX_REMEMBERED = 4096
@@ -163,8 +164,14 @@ class LoraStore:
         """A path under the hidden staging folder (callers pass checked ids only)."""
         return posixpath.join(self.root, STAGING_FOLDER, *parts)
 
+    def private_path(self, *parts: str) -> str:
+        """A path under the root's hidden folder for loraplex's own files, which is never listed
+        or served (callers pass fixed names only)."""
+        return posixpath.join(self.root, PRIVATE_FOLDER, *parts)
+
     def write_staged(self, path: str, data: bytes) -> None:
-        """Write `data` to a staging path in one step: a reader sees all of it or nothing."""
+        """Write `data` to a path in the root's hidden folders in one step: a reader sees all of
+        it or nothing."""
         temporary = f"{path}.{uuid.uuid4().hex}.tmp"
         self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         self.fs.pipe_file(temporary, data)
