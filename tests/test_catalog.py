@@ -70,3 +70,19 @@ def test_an_unreadable_index_is_rebuilt(root, content):
     store = CountedStore(str(root))
     assert len(Catalog(store).entries()) == 3 and store.reads == 3
     assert json.loads((root / ".loraplex" / INDEX_FILE).read_text())["format"] == 1
+
+
+def test_a_root_that_cannot_take_the_index_still_lists(root, monkeypatch, caplog):
+    store = LoraStore(str(root))
+
+    def refuse(path, data):
+        raise PermissionError("read-only root")
+
+    monkeypatch.setattr(store, "write_staged", refuse)
+    catalog = Catalog(store)
+    assert len(catalog.entries()) == 3
+    assert "index not written" in caplog.text
+    assert not (root / ".loraplex").exists()
+    caplog.clear()
+    assert len(catalog.entries()) == 3
+    assert "index not written" not in caplog.text  # not tried again while nothing changed

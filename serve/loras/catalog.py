@@ -84,8 +84,7 @@ class Catalog:
             self.store.write_staged(self.store.private_path(INDEX_FILE), data)
         except OSError as e:  # a read-only root still lists, each replica inspecting for itself
             logger.warning("LoRA catalog index not written: %s", e)
-            return
-        self._indexed = set(entries)
+        self._indexed = set(entries)  # tried again only once the files change
 
 
 def inspect_file(data: bytes, ref: LoraRef) -> dict:
