@@ -148,7 +148,7 @@ def summarize(
     replicas: dict[str, list[dict]],
     args,
     locust_rc: int,
-    busy: dict[str, dict[str, float]] | None = None,
+    busy: dict[str, dict[str, float]],
 ) -> dict:
     rows = read_stats(out / "locust_stats.csv")
 
@@ -181,7 +181,7 @@ def summarize(
             },
             "adapter_file_reads_shared": sum(r["adapter_file_reads_shared"] for r in states),
             # The share of the run each replica spent in pipeline calls (its GPU busy, on GPUs).
-            "busy_share_per_replica": (busy or {}).get(model, {}),
+            "busy_share_per_replica": busy.get(model, {}),
             "rss_mb_per_replica": {r["replica_id"]: r["rss_mb"] for r in states},
             # Reads of lora_root against reads of the node's copy (None: the cache is off).
             "lora_root_cache_per_replica": {
@@ -266,9 +266,9 @@ def main(argv=None) -> int:
         service.deploy(app_args, options, "loraplex")
         print(f"service ready at {url} in {time.perf_counter() - started:.0f} s", flush=True)
         before = service.replica_states(url)
-        started = time.perf_counter()
+        run_started = time.perf_counter()
         locust_rc = run_locust(url, args, out)
-        run_s = time.perf_counter() - started
+        run_s = time.perf_counter() - run_started
         time.sleep(0.5)  # replicas report their counters to the registry asynchronously
         replicas = service.replica_states(url)
     finally:
