@@ -21,7 +21,9 @@ A hot adapter spreads: when every replica holding it has at least `spread_queue_
 requests in flight than the least busy other replica, the request goes to that other replica,
 which loads the adapter too (a slot load costs far less than waiting behind several
 generations). Only adapters a replica has reported spread; a first load under way does not, or
-a burst for a new adapter would load it everywhere. Requests without an adapter are routed
+a burst for a new adapter would load it everywhere. A request counts on a replica from the
+moment it is handed that replica, before Serve sends it, so the requests of a burst, decided one
+after another, see each other: 12 at once for an adapter one of 2 replicas holds go 8 and 4. Requests without an adapter are routed
 exactly as Serve's default router routes them.
 
 Written here because Serve's request-router API (`RequestRouter`, public since Ray 2.46) takes
@@ -40,7 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 
 from ray.serve._private.common import RequestMetadata
@@ -59,6 +61,9 @@ MAX_PLACEMENTS = 4096
 # More requests in flight on every holder of an adapter than on the least busy other replica,
 # from which the adapter spreads there: 4 generations' wait against one slot load.
 DEFAULT_SPREAD_QUEUE_GAP = 4
+# A replica handed to a request is sent it within a turn or two of the event loop; a pick not
+# sent by then (its caller went away) stops counting.
+PICK_TTL_S = 5.0
 
 
 def router_supported(ray_version: str) -> bool:
@@ -104,6 +109,8 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
             raise ValueError(f"spread_queue_gap must be at least 1, not {spread_queue_gap}")
         self._spread_queue_gap = spread_queue_gap
         self._in_flight: Counter[ReplicaID] = Counter()
+        # Per replica, when requests were handed it and not yet sent (see `_fulfill_next_...`).
+        self._picked: dict[ReplicaID, deque[float]] = {}
         # adapter key -> (replica id, monotonic time placed), oldest first
         self._placements: OrderedDict[str, tuple[ReplicaID, float]] = OrderedDict()
 
@@ -153,29 +160,46 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         loads this router exists to avoid. Here a replica chosen for an adapter goes only to a
         request for that adapter, and one chosen for a request without adapter only to that
         request (Serve's base policy); an unused choice is dropped and routing goes on."""
+        waiting = len(self._pending_requests_by_id)
         if len(self._replicas) < 2:
             super()._fulfill_next_pending_request(replica, request_metadata)  # one choice only
         elif request_metadata is None or not request_metadata.multiplexed_model_id:
             RequestRouter._fulfill_next_pending_request(self, replica, request_metadata)
         elif self._get_pending_request_matching_multiplexed_model_id(request_metadata):
             super()._fulfill_next_pending_request(replica, request_metadata)
+        # Serve's routing tasks decide one request after another without yielding to the
+        # tasks that send them, so a burst's requests were all decided against counts taken
+        # before any of them was sent. A request counts from the moment it is handed a
+        # replica (Serve drops it from its pending index then) until `on_send_request`.
+        if len(self._pending_requests_by_id) < waiting:
+            self._picked.setdefault(replica.replica_id, deque()).append(time.monotonic())
 
     def _crowded(self, holders: list[RunningReplica], others: list[RunningReplica]) -> bool:
         """Whether every holder has `spread_queue_gap` more requests in flight than the least
         busy other replica."""
 
         def in_flight(replica: RunningReplica) -> int:
-            # This router's own count is exact for its requests but blind to those of other
-            # routers (each ingress replica has one); Serve's queue-length cache holds what the
-            # replica last reported for all routers, plus this router's sends and completions
-            # since. The larger: with several ingress replicas the own count alone would spread
-            # an adapter only once each router had the whole gap on its own.
-            own = self._in_flight.get(replica.replica_id, 0)
-            reported = self._replica_queue_len_cache.get(replica.replica_id)
-            return own if reported is None else max(own, reported)
+            return self._requests_on(replica.replica_id)
 
         least_busy_holder = min(map(in_flight, holders))
         return least_busy_holder - min(map(in_flight, others)) >= self._spread_queue_gap
+
+    def _requests_on(self, replica_id: ReplicaID) -> int:
+        """The requests a replica has, sent or about to be. This router's own count of those
+        it sent is exact for its requests but blind to those of other routers (each ingress
+        replica has one); Serve's queue-length cache holds what the replica last reported for
+        all routers, plus this router's sends and completions since. The larger: with several
+        ingress replicas the own count alone would spread an adapter only once each router had
+        the whole gap on its own. Plus the requests handed the replica and not yet sent."""
+        own = self._in_flight.get(replica_id, 0)
+        reported = self._replica_queue_len_cache.get(replica_id)
+        sent = own if reported is None else max(own, reported)
+        picks = self._picked.get(replica_id)
+        if picks:
+            stale_before = time.monotonic() - PICK_TTL_S
+            while picks and picks[0] < stale_before:
+                picks.popleft()
+        return sent + (len(picks) if picks else 0)
 
     # This router's own count of its requests in flight per replica. Serve's queue-length
     # cache alone would not do: the replicas' answers to each send overwrite it with counts
@@ -184,6 +208,9 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)
         self._in_flight[replica_id] += 1
+        picks = self._picked.get(replica_id)
+        if picks:
+            picks.popleft()  # now counted as sent
 
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         super().on_request_completed(replica_id, internal_request_id)
@@ -194,6 +221,7 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._in_flight.pop(replica_id, None)
+        self._picked.pop(replica_id, None)
 
     def _placed(self, adapter_key: str, replicas: list[RunningReplica]) -> RunningReplica:
         """Where requests for an adapter no replica reports go: its placement while that

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import functools
 import time
 from types import SimpleNamespace
 
 import httpx
 import pytest
 
-from serve.adapter_router import AdapterAffinityRouter, placement_for, router_supported
+from serve.adapter_router import (
+    PICK_TTL_S,
+    AdapterAffinityRouter,
+    placement_for,
+    router_supported,
+)
 
 PREFIX = "/routing"
 ADAPTERS = 4
@@ -92,13 +98,22 @@ def test_a_replica_leaving_moves_only_the_adapters_it_was_first_for():
     assert moved == {key for key in keys if before[key] == "r3"}
 
 
-def crowding(own: dict[str, int], reported: dict[str, int], gap: int = 4):
-    """`_crowded` of a router with these own counts and reported queue lengths, by replica."""
+def counting_router(own: dict, reported: dict, picked: dict | None = None, gap: int = 4):
+    """What `_crowded` and `_requests_on` read of a router: its own counts of requests sent,
+    Serve's reported queue lengths, and the pick times of requests not yet sent, by replica."""
     router = SimpleNamespace(
         _spread_queue_gap=gap,
         _in_flight=collections.Counter(own),
         _replica_queue_len_cache=SimpleNamespace(get=reported.get),
+        _picked={k: collections.deque(v) for k, v in (picked or {}).items()},
     )
+    router._requests_on = functools.partial(AdapterAffinityRouter._requests_on, router)
+    return router
+
+
+def crowding(own: dict[str, int], reported: dict[str, int], gap: int = 4, picked=None):
+    """`_crowded` of a router with these own counts and reported queue lengths, by replica."""
+    router = counting_router(own, reported, picked, gap)
 
     def replicas(ids: list[str]) -> list[SimpleNamespace]:
         return [SimpleNamespace(replica_id=replica_id) for replica_id in ids]
@@ -123,6 +138,20 @@ def test_what_replicas_report_counts_when_it_is_more_than_the_routers_own():
     assert not crowding(own={"holder": 6}, reported={"other": 3})(["holder"], ["other"])
     # A report lower than the router's own count (it lags) does not lower it.
     assert crowding(own={"holder": 6}, reported={"holder": 1})(["holder"], ["other"])
+
+
+def test_requests_handed_a_replica_count_until_they_are_sent():
+    now = time.monotonic()
+    # A burst: 4 requests handed the holder and not yet sent count as its requests.
+    crowded = crowding(own={"holder": 1}, reported={}, picked={"holder": [now] * 3})
+    assert crowded(["holder"], ["other"])
+    assert not crowding(own={"holder": 1}, reported={}, picked={"holder": [now] * 2})(
+        ["holder"], ["other"]
+    )
+    # A pick older than PICK_TTL_S (its request went away before it was sent) stops counting.
+    router = counting_router(own={}, reported={}, picked={"r": [now - PICK_TTL_S - 1, now]})
+    assert router._requests_on("r") == 1
+    assert len(router._picked["r"]) == 1
 
 
 def test_every_holder_must_be_crowded():
@@ -196,9 +225,9 @@ def test_a_burst_for_new_adapters_loads_each_once_on_one_replica(routing):
 
 
 def test_a_hot_adapter_spreads_when_its_replica_is_crowded(routing):
-    """8 requests at once for an adapter one replica holds, then 4 more while they run: once
-    that replica has 4 (the default spread_queue_gap) more in flight than the other, requests
-    go to the other replica, which loads the adapter once."""
+    """12 requests at once for an adapter one replica holds: once that replica has 4 (the
+    default spread_queue_gap) more in flight than the other, requests go to the other replica,
+    which loads the adapter once."""
     client, names = routing
     hot = names[ADAPTERS]
     loads_before = sum(r["adapter_loads"] for r in replicas_once_reported(client, 0))
@@ -206,18 +235,24 @@ def test_a_hot_adapter_spreads_when_its_replica_is_crowded(routing):
     replicas = replicas_once_reported(client, loads_before + 1)
     assert sum(hot in r["hot_adapters"] for r in replicas) == 1
     time.sleep(1.0)  # the replica's report reaches the ingress's router
-    # Sent all at once, requests are routed side by side against counts that do not yet include
-    # each other: 12 at once sometimes all went to the holder (1 run in 4, and once in CI). So
-    # the first 8 are sent, and given a second to be in flight (at 48 steps a generation takes
-    # 0.5 to 1 s here), before the last 4.
+    served_before = {r["replica_id"]: served(r) for r in replicas}
+    # All at once: Serve decides them one after another before any is sent, so this checks
+    # that the router counts a request from the moment it is handed a replica.
     long = {**SMALL, "width": 512, "height": 512, "steps": 48, "lora_name": hot}
-    bodies = [{**long, "seed": i} for i in range(12)]
-    with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
-        first = [pool.submit(client.post, "/flux-lora", json=body) for body in bodies[:8]]
-        time.sleep(1.0)
-        last = [pool.submit(client.post, "/flux-lora", json=body) for body in bodies[8:]]
-        responses = [request.result() for request in first + last]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        responses = list(
+            pool.map(lambda i: client.post("/flux-lora", json={**long, "seed": i}), range(12))
+        )
     assert [r.status_code for r in responses] == [200] * len(responses)
     replicas = replicas_once_reported(client, loads_before + 2)
     assert all(hot in r["hot_adapters"] for r in replicas)
     assert sum(r["adapter_loads"] for r in replicas) == loads_before + 2
+    # The holder took requests until it had 4 more than the other: 8 and 4 (counts taken as
+    # requests end can shift one).
+    split = sorted(served(r) - served_before.get(r["replica_id"], 0) for r in replicas)
+    assert split in ([4, 8], [5, 7])
+
+
+def served(replica: dict) -> int:
+    """Requests with an adapter that a replica has served."""
+    return replica["adapter_hits"] + replica["adapter_loads"]
