@@ -88,8 +88,6 @@ class DiffusionDeployment:
         self._lock = asyncio.Lock()
         self._hot: dict[str, str] = {}  # store key -> peft adapter name, in load order
         self._staged: dict[str, PreparedAdapter] = {}
-        # Cold files read once however many requests want them at a time (shared_reads.py).
-        self._reads: SharedReads[PreparedAdapter] = SharedReads()
         self._loads = self._hits = self._evictions = 0
         self._batches_run = self._requests_batched = 0
         # Pipeline calls stopped before their last step: every request in them had gone away.
@@ -128,6 +126,16 @@ class DiffusionDeployment:
         )
         self._m_gpu_s = metrics.Counter("loraplex_gpu_seconds", "GPU-seconds billed.")
         self._m_cost = metrics.Counter("loraplex_cost_usd", "USD billed.")
+        self._m_file_reads = metrics.Counter(
+            "loraplex_adapter_file_reads", "Cold adapter files read."
+        )
+        self._m_file_reads_shared = metrics.Counter(
+            "loraplex_adapter_file_reads_shared", "Requests served by another request's read."
+        )
+        # Cold files read once however many requests want them at a time (shared_reads.py).
+        self._reads: SharedReads[PreparedAdapter] = SharedReads(
+            on_start=self._m_file_reads.inc, on_join=self._m_file_reads_shared.inc
+        )
         self._report()
 
     def _load_pipeline(self) -> tuple[object, PipelineAdapters]:

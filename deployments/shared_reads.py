@@ -30,12 +30,18 @@ class _Entry(Generic[T]):
 
 class SharedReads(Generic[T]):
     """Reads keyed by adapter key (name@version, so a new file version is a new read). Used on
-    one event loop (the replica's); the read itself runs in a worker thread."""
+    one event loop (the replica's); the read itself runs in a worker thread. `on_start` and
+    `on_join`, if given, are called as `started` and `joined` count up (the replica's metrics)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        on_start: Callable[[], object] | None = None,
+        on_join: Callable[[], object] | None = None,
+    ) -> None:
         self._entries: dict[str, _Entry[T]] = {}
         self.started = 0  # reads run
         self.joined = 0  # holds served by a read another request started
+        self._on_start, self._on_join = on_start, on_join
 
     @contextlib.asynccontextmanager
     async def hold(self, key: str, read: Callable[[], T]) -> AsyncIterator[T]:
@@ -49,8 +55,12 @@ class SharedReads(Generic[T]):
             entry.read.add_done_callback(functools.partial(self._forget_if_failed, key, entry))
             self._entries[key] = entry
             self.started += 1
+            if self._on_start is not None:
+                self._on_start()
         else:
             self.joined += 1
+            if self._on_join is not None:
+                self._on_join()
         entry.holders += 1
         try:
             # Shielded: a request that goes away leaves the read to the others holding it.

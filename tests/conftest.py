@@ -46,6 +46,9 @@ def ray_cluster():
             "dashboard_host": "127.0.0.1",
             "dashboard_port": free_port(),
             "dashboard_agent_listen_port": free_port(),
+            # Workers report metrics to the node's Prometheus export every second rather than
+            # every 10 s, so test_metrics.py sees a request's counts within a few seconds.
+            "_system_config": {"metrics_report_interval_ms": 1000},
         },
     )
     ray.init(
@@ -64,6 +67,15 @@ def ray_cluster():
     serve.shutdown()
     ray.shutdown()
     cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_cluster) -> str:
+    """The head node's Prometheus endpoint (Ray picks its `metrics_export_port`)."""
+    import ray
+
+    [node] = ray.nodes()
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 @pytest.fixture(scope="session")

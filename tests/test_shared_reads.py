@@ -73,6 +73,26 @@ def test_keys_are_read_apart():
     asyncio.run(main())
 
 
+def test_callbacks_follow_the_counts():
+    async def main():
+        counted = []
+        reads, read, done = (
+            SharedReads(
+                on_start=lambda: counted.append("start"), on_join=lambda: counted.append("join")
+            ),
+            Reader(),
+            asyncio.Event(),
+        )
+        tasks, _ = await holders(reads, "a@1", read, 3, done)
+        read.release.set()
+        done.set()
+        await asyncio.gather(*tasks)
+        assert (reads.started, reads.joined) == (1, 2)
+        assert counted == ["start", "join", "join"]
+
+    asyncio.run(main())
+
+
 def test_a_failed_read_fails_its_holders_and_the_next_request_reads_again():
     async def main():
         reads, done = SharedReads(), asyncio.Event()
