@@ -51,6 +51,22 @@ def test_a_second_catalog_lists_from_the_index_without_reading_files(root):
     assert ".loraplex/catalog.json" not in {entry["name"] for entry in first}
 
 
+def test_a_file_one_replica_inspected_is_not_read_again_by_another(root, caplog):
+    first_store, other_store = CountedStore(str(root)), CountedStore(str(root))
+    first, other = Catalog(first_store), Catalog(other_store)
+    first.entries()
+    other.entries()
+    assert (first_store.reads, other_store.reads) == (3, 0)
+    write_lora(root / "character-new.safetensors", lora(9))  # a training job publishes one
+    assert len(first.entries()) == 4 and first_store.reads == 4
+    assert other.entries() == first.entries()
+    assert other_store.reads == 0  # from the index the first one wrote
+    # Listing again with nothing new reads neither the files nor the index (which would warn).
+    (root / ".loraplex" / INDEX_FILE).write_text("not json")
+    assert len(other.entries()) == 4 and other_store.reads == 0
+    assert "unreadable" not in caplog.text
+
+
 def test_a_changed_file_is_inspected_again_and_a_deleted_one_leaves_the_index(root):
     Catalog(LoraStore(str(root))).entries()
     write_lora(root / "character-0.safetensors", {**lora(7), **lora(8)})

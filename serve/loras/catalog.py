@@ -33,12 +33,15 @@ class Catalog:
 
     def entries(self, family: str | None = None) -> list[dict]:
         """One entry per servable file, sorted by name; `family` keeps that family's only."""
-        if self._indexed is None:
+        refs = [ref for ref, _size in self.store.list_files()]
+        if self._indexed is None or any(ref.key not in self._entries for ref in refs):
+            # Files this replica has not inspected: another ingress replica may have since,
+            # and one read of the index costs less than reading even one of them.
             indexed = self._read_index()
             self._entries = {**indexed, **self._entries}
             self._indexed = set(indexed)
         entries = {}
-        for ref, _size in self.store.list_files():
+        for ref in refs:
             try:
                 entries[ref.key] = self.entry_of(ref)
             except LoraNotFound:
@@ -77,7 +80,8 @@ class Catalog:
         return {k: v for k, v in entries.items() if isinstance(v, dict) and "name" in v}
 
     def _write_index(self, entries: dict[str, dict]) -> None:
-        """Replace the index in one step. Two ingress replicas writing at once: the last one
+        """Replace the index in one step. Each replica reads the index again before it
+        inspects a file, so what another one added is kept; two writing at once: the last one
         wins, and what the other added is inspected again by whoever lists next."""
         data = json.dumps({"format": INDEX_FORMAT, "entries": entries}).encode()
         try:
