@@ -22,9 +22,9 @@ requests in flight than the least busy other replica, the request goes to that o
 which loads the adapter too (a slot load costs far less than waiting behind several
 generations). Only adapters a replica has reported spread; a first load under way does not, or
 a burst for a new adapter would load it everywhere. A request counts on a replica from the
-moment it is handed that replica, before Serve sends it, so the requests of a burst, decided one
-after another, see each other: 12 at once for an adapter one of 2 replicas holds go 8 and 4. Requests without an adapter are routed
-exactly as Serve's default router routes them.
+moment it is handed that replica, before Serve sends it, so the requests of a burst, decided
+one after another, see each other: 12 at once for an adapter one of 2 replicas holds go 8 and
+4. Requests without an adapter are routed exactly as Serve's default router routes them.
 
 Written here because Serve's request-router API (`RequestRouter`, public since Ray 2.46) takes
 the policy as a class and ships no policy that remembers where it sent an adapter. It builds on
