@@ -109,7 +109,8 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
             raise ValueError(f"spread_queue_gap must be at least 1, not {spread_queue_gap}")
         self._spread_queue_gap = spread_queue_gap
         self._in_flight: Counter[ReplicaID] = Counter()
-        # Per replica, when requests were handed it and not yet sent (see `_fulfill_next_...`).
+        # Per replica, when requests were handed it and not yet sent: the router counts them as
+        # its requests (`_fulfill_next_pending_request`).
         self._picked: dict[ReplicaID, deque[float]] = {}
         # adapter key -> (replica id, monotonic time placed), oldest first
         self._placements: OrderedDict[str, tuple[ReplicaID, float]] = OrderedDict()
