@@ -43,21 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from loadtest import service
     from loadtest.run_locust import ADAPTER_PATTERN, write_adapters
 
     lora_root = Path(tempfile.mkdtemp(prefix="loraplex-affinity-"))
     count = args.rounds * args.adapters
     write_adapters([MODEL], lora_root, count)
     names = [ADAPTER_PATTERN.format(family="flux", index=i) for i in range(count)]
-    env = {name: os.environ[name] for name in service.ENV_PASSED if name in os.environ}
-    url = service.start(max(4, args.replicas + 2), env)
-    results = {}
-    try:
-        for label, router in ROUTERS.items():
-            results[label] = measure(url, lora_root, names, router, args)
-    finally:
-        service.stop()
+    results = per_router(measure, lora_root, names, args, num_cpus=max(4, args.replicas + 2))
     print("| router | requests | adapters | loads | loads / adapter | per replica | failures |")
     print("|---|---|---|---|---|---|---|")
     for label, row in results.items():
@@ -65,9 +57,29 @@ def main(argv=None) -> dict:
             f"| {label} | {row['requests']} | {row['adapters']} | {row['loads']} | "
             f"{row['loads_per_adapter']:.3f} | {row['loads_per_replica']} | {row['failures']} |"
         )
+    write_results(args, results)
+    return results
+
+
+def per_router(measure, lora_root: Path, names: list[str], args, num_cpus: int) -> dict:
+    """`measure(url, lora_root, names, router, args)` for each of `ROUTERS`, by label, on a
+    local Ray cluster of its own."""
+    from loadtest import service
+
+    env = {name: os.environ[name] for name in service.ENV_PASSED if name in os.environ}
+    url = service.start(num_cpus, env)
+    try:
+        return {
+            label: measure(url, lora_root, names, router, args) for label, router in ROUTERS.items()
+        }
+    finally:
+        service.stop()
+
+
+def write_results(args, results: dict) -> None:
+    """The figures as JSON in `args.out`, with the arguments that gave them, if asked."""
     if args.out:
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, **results}))
-    return results
 
 
 def measure(url: str, lora_root: Path, names: list[str], router: str, args) -> dict:

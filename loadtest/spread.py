@@ -14,7 +14,6 @@ the other replica. Prints a table, and writes it as JSON with `--out`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -22,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from loadtest.affinity import MODEL, ROUTERS
+from loadtest.affinity import MODEL, per_router, write_results
 
 BODY = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 2}
 
@@ -39,20 +38,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from loadtest import service
     from loadtest.run_locust import ADAPTER_PATTERN, write_adapters
 
     lora_root = Path(tempfile.mkdtemp(prefix="loraplex-spread-"))
     write_adapters([MODEL], lora_root, args.trials)
     names = [ADAPTER_PATTERN.format(family="flux", index=i) for i in range(args.trials)]
-    env = {name: os.environ[name] for name in service.ENV_PASSED if name in os.environ}
-    url = service.start(8, env)
-    results = {}
-    try:
-        for label, router in ROUTERS.items():
-            results[label] = measure(url, lora_root, names, router, args)
-    finally:
-        service.stop()
+    results = per_router(measure, lora_root, names, args, num_cpus=8)
     print("| router | trials | to the other replica, per trial | mean | spread | failures |")
     print("|---|---|---|---|---|---|")
     for label, row in results.items():
@@ -60,8 +51,7 @@ def main(argv=None) -> dict:
             f"| {label} | {args.trials} | {row['to_other']} | {row['to_other_mean']:.2f} | "
             f"{row['trials_spread']} | {row['failures']} |"
         )
-    if args.out:
-        args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, **results}))
+    write_results(args, results)
     return results
 
 
