@@ -123,6 +123,9 @@ class PipelineAdapters:
         # some for Control LoRAs).
         self._features: dict[str, tuple | None] = {}
         self._slots_made = 0
+        # Loads that built new layers (diffusers' `load_lora_weights`): no free slot fit. Every
+        # other load refilled a slot, at a small part of the cost.
+        self.fresh_loads = 0
         # File layouts seen, by raw header bytes and by header entries (`byte_layouts`). Kept
         # over fresh loads: the one load that reshapes base layers (a Flux Control LoRA, whose
         # wider lora_A makes diffusers widen the base layer) is refused by `check` first.
@@ -451,6 +454,7 @@ class PipelineAdapters:
             self._slots_made += 1
             adapter_name = f"{SLOT_NAME_PREFIX}{self._slots_made}"
         layers = self.load(adapter_name, tensors, label)
+        self.fresh_loads += 1
         # Deleted after the load, not before: a file that fails to load leaves the slots as
         # they were. The peak is one adapter's layers over the bound.
         free = list(self._free)
@@ -483,6 +487,10 @@ class PipelineAdapters:
 
     def free_slots(self) -> list[str]:
         return list(self._free)
+
+    def free_slot_count(self) -> int:
+        """Free slots now; safe to read beside the tensor thread, unlike `free_slots`."""
+        return len(self._free)
 
     def _slot_layout(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
         """The file as `<component>.<module>.lora_{A,B}.weight` tensors in the layout diffusers

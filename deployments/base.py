@@ -355,6 +355,9 @@ class DiffusionDeployment:
             "replica_id": self.replica_id,
             "hot_adapters": [key.rpartition("@")[0] for key in self._hot],
             "adapter_loads": self._loads,
+            # Loads that built new layers; the others refilled the layers of an evicted adapter.
+            "adapter_fresh_loads": self.adapters.fresh_loads,
+            "free_adapter_slots": self.adapters.free_slot_count(),
             "adapter_hits": self._hits,
             "adapter_evictions": self._evictions,
             # Cold files read, and requests that shared a read another request made.

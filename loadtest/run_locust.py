@@ -174,6 +174,10 @@ def summarize(
         deployments[model] = {
             "hit_rate": round(replica_hits / (replica_hits + loads), 3) if loads else None,
             "adapter_loads_per_replica": {r["replica_id"]: r["adapter_loads"] for r in states},
+            # Of those, loads that built new layers: no evicted adapter's slot fit.
+            "adapter_fresh_loads_per_replica": {
+                r["replica_id"]: r["adapter_fresh_loads"] for r in states
+            },
             "adapter_evictions": sum(r["adapter_evictions"] for r in states),
             # Cold files read per replica; requests that shared another's read are not in it.
             "adapter_file_reads_per_replica": {
@@ -215,16 +219,17 @@ def summarize(
         "",
         f"Adapter cache hit rate: {summary['cache_hit_rate_headers']} (X-LoRA-Cache headers)",
         "",
-        "| deployment | hit rate (replica counters) | adapter loads per replica | evictions "
-        "| file reads per replica | reads shared | busy share per replica |",
-        "|---|---|---|---|---|---|---|",
+        "| deployment | hit rate (replica counters) | adapter loads per replica | of them fresh "
+        "| evictions | file reads per replica | reads shared | busy share per replica |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model, entry in deployments.items():
         loads = list(entry["adapter_loads_per_replica"].values())
+        fresh = list(entry["adapter_fresh_loads_per_replica"].values())
         reads = list(entry["adapter_file_reads_per_replica"].values())
         busy_share = list(entry["busy_share_per_replica"].values())
         lines.append(
-            f"| {model} | {entry['hit_rate']} | {loads} | {entry['adapter_evictions']} "
+            f"| {model} | {entry['hit_rate']} | {loads} | {fresh} | {entry['adapter_evictions']} "
             f"| {reads} | {entry['adapter_file_reads_shared']} | {busy_share} |"
         )
     cached = {

@@ -98,10 +98,11 @@ def test_a_recycled_slot_gives_the_bytes_of_a_fresh_load(pipe, files, base, fuse
     first, _ = adapters.load_reusing(files["a"], "a")
     with_adapters(adapters, on(first, 0.6, 0.8))  # leaves scales (and fused weights) behind
     adapters.release(first)
-    assert adapters.free_slots() == [first]
+    assert adapters.free_slots() == [first] and adapters.free_slot_count() == 1
     slot, layers = adapters.load_reusing(files["b"], "b")
-    assert slot == first and adapters.free_slots() == []
+    assert slot == first and adapters.free_slots() == [] and adapters.free_slot_count() == 0
     assert layers == len(files["b"]) // 2
+    assert adapters.fresh_loads == 1  # the first load only: the second refilled its slot
     recycled = [with_adapters(adapters, on(slot, *s)) for s in ((1.0, 1.0), (0.5, 0.7))]
     zero = with_adapters(adapters, on(slot, 0.0, 0.0))
     after = with_adapters(adapters)

@@ -19,6 +19,18 @@ def generate(client, path="/flux-lora", **body):
     return client.post(path, json={"prompt": "a red fox in the snow", "seed": 7, **SMALL, **body})
 
 
+def flux_replica(service, loads_at_least: int = 0) -> dict:
+    """The flux replica as /models shows it, once it has reported `loads_at_least` adapter
+    loads (replicas report asynchronously), or after 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
+        [replica] = flux["replicas"]
+        if replica["adapter_loads"] >= loads_at_least or time.monotonic() > deadline:
+            return replica
+        time.sleep(0.1)
+
+
 def pixels(response) -> np.ndarray:
     assert response.status_code == 200, response.text
     return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"), dtype=np.int16)
@@ -76,7 +88,13 @@ def test_cache_misses_then_hits_and_evicts_least_recently_used(service):
     [replica] = flux["replicas"]
     assert sorted(replica["hot_adapters"]) == ["character-c.safetensors", "character-e.safetensors"]
     assert cache_of("c") == "hit"
-    assert cache_of("d") == "miss"
+    assert cache_of("d") == "miss"  # evicts e
+    # That miss refilled the layers of the adapter it evicted (the files share their shapes):
+    # no new layers built, and no free slot left over.
+    after = flux_replica(service, loads_at_least=replica["adapter_loads"] + 1)
+    assert after["adapter_loads"] == replica["adapter_loads"] + 1
+    assert after["adapter_fresh_loads"] == replica["adapter_fresh_loads"]
+    assert after["free_adapter_slots"] == 0
 
 
 def test_evicted_adapter_reloads_to_the_same_image(service):
@@ -97,14 +115,10 @@ def test_evicted_adapter_reloads_to_the_same_image(service):
 
 
 def test_requests_for_one_cold_adapter_share_one_file_read(service, lora_root):
-    def flux_replica() -> dict:
-        [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
-        return flux["replicas"][0]
-
     # A file no request has used: cold on the replica.
     shutil.copy(lora_root / "character-k.safetensors", lora_root / "character-burst.safetensors")
     assert generate(service, lora_id="a").status_code == 200  # hot before the slow request
-    before = flux_replica()
+    before = flux_replica(service)
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         # A long generation (about 3 s) holds the replica's lock while the burst arrives, so
         # every request of the burst finds the adapter cold and waits for its load.
@@ -117,8 +131,10 @@ def test_requests_for_one_cold_adapter_share_one_file_read(service, lora_root):
     assert len({response.content for response in responses}) == 1
     assert sorted(r.headers["X-LoRA-Cache"] for r in responses) == ["hit", "hit", "hit", "miss"]
     shared = before["adapter_file_reads_shared"] + 3
-    assert reported(lambda: flux_replica()["adapter_file_reads_shared"], shared, 10) == shared
-    after = flux_replica()
+    assert (
+        reported(lambda: flux_replica(service)["adapter_file_reads_shared"], shared, 10) == shared
+    )
+    after = flux_replica(service)
     assert after["adapter_file_reads"] == before["adapter_file_reads"] + 1
 
     def root_reads(replica: dict) -> int:

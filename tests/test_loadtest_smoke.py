@@ -93,6 +93,9 @@ def test_bench_and_locust_write_reports_without_failures(tmp_path):
     assert summary["requests"] > 0 and summary["failures"] == 0
     assert summary["deployments"]["flux"]["adapter_loads_per_replica"]
     assert summary["deployments"]["flux"]["adapter_file_reads_per_replica"]
+    loads = summary["deployments"]["flux"]["adapter_loads_per_replica"]
+    fresh = summary["deployments"]["flux"]["adapter_fresh_loads_per_replica"]
+    assert fresh.keys() == loads.keys() and all(fresh[r] <= loads[r] for r in loads)
     busy = summary["deployments"]["flux"]["busy_share_per_replica"].values()
     assert busy and all(0 < share <= 1 for share in busy)  # one tensor thread per replica
     for name in ("locust_stats.csv", "locust.html", "summary.md"):
