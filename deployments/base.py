@@ -118,6 +118,12 @@ class DiffusionDeployment:
         self._m_hits = metrics.Counter("loraplex_adapter_cache_hits", "Adapter cache hits.")
         self._m_misses = metrics.Counter("loraplex_adapter_cache_misses", "Adapter cache misses.")
         self._m_evictions = metrics.Counter("loraplex_adapter_evictions", "Adapters evicted.")
+        self._m_fresh_loads = metrics.Counter(
+            "loraplex_adapter_fresh_loads", "Adapter loads that built new layers (no slot fit)."
+        )
+        self._m_free_slots = metrics.Gauge(
+            "loraplex_free_adapter_slots", "Evicted adapters' layers kept for the next load."
+        )
         self._m_load_s = metrics.Histogram(
             "loraplex_adapter_load_seconds", "Adapter load time.", boundaries=_SECONDS_BUCKETS
         )
@@ -459,9 +465,13 @@ class DiffusionDeployment:
         """The multiplexed loader: runs under `self._lock`, held by `_ensure_hot`'s caller."""
         prepared = self._staged.pop(key)
         started = time.perf_counter()
+        fresh_loads = self.adapters.fresh_loads  # only loads under the lock change it
         # Into an evicted adapter's layers when they fit (a free slot), else a fresh load.
         adapter_name, _ = await self._in_torch_thread(self.adapters.load_prepared, prepared)
         self._m_load_s.observe(time.perf_counter() - started)
+        if self.adapters.fresh_loads > fresh_loads:
+            self._m_fresh_loads.inc()
+        self._m_free_slots.set(self.adapters.free_slot_count())
         self._hot[key] = adapter_name
         self._loads += 1
         self._report()
@@ -474,6 +484,7 @@ class DiffusionDeployment:
         self._hot.pop(adapter.key, None)
         self._evictions += 1
         self._m_evictions.inc()
+        self._m_free_slots.set(self.adapters.free_slot_count())
         self._report()
 
     def _render(self, job: GenerationJob, active: list[ActiveAdapter], interrupted):

@@ -67,6 +67,8 @@ def test_adapter_and_billing_metrics_reach_the_prometheus_export(service, lora_r
                 ("ray_loraplex_adapter_load_seconds_count", "adapter_loads"),
                 ("ray_loraplex_adapter_file_reads_total", "adapter_file_reads"),
                 ("ray_loraplex_adapter_file_reads_shared_total", "adapter_file_reads_shared"),
+                ("ray_loraplex_adapter_fresh_loads_total", "adapter_fresh_loads"),
+                ("ray_loraplex_free_adapter_slots", "free_adapter_slots"),
             )
             # A counter never incremented (no eviction yet) is not exported at all.
             if values.get(name, 0.0) != replica[field]
