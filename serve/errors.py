@@ -82,3 +82,9 @@ class ModelLoadError(LoraplexError):
     """A base model could not be built or loaded from its URI (a deployment start-up failure)."""
 
     code = "model_load_failed"
+
+
+class UnsupportedServeSetting(LoraplexError):
+    """Ray Serve runs with a setting loraplex cannot serve under (a replica start-up failure)."""
+
+    code = "unsupported_serve_setting"

@@ -52,6 +52,7 @@ from serve.schemas import (
     GenerationRequest,
     LoraSpec,
 )
+from serve.serve_settings import check_serve_settings
 from serve.training import (
     MAX_DATASET_IMAGES,
     Datasets,
@@ -212,6 +213,7 @@ def _describe_validation_error(error: ValidationError) -> str:
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict, handles: dict[str, DeploymentHandle]):
+        check_serve_settings()  # here: Serve's settings are this process's, its handles' too
         self.config = AppConfig.model_validate(config)
         self.handles = handles
         self.store = LoraStore(self.config.lora_root)
