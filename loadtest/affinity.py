@@ -36,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--adapters", type=int, default=6, help="new adapters per round")
     parser.add_argument("--burst", type=int, default=4, help="concurrent requests per adapter")
     parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument(
+        "--ingress-replicas", type=int, default=1, help="each has a router of its own"
+    )
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     return parser.parse_args(argv)
 
@@ -96,7 +99,12 @@ def measure(url: str, lora_root: Path, names: list[str], router: str, args) -> d
         "ray_actor_options": {"num_cpus": 0.5},
         "request_router_config": {"request_router_class": router},
     }
-    service.deploy({"lora_root": str(lora_root), "models": [model]}, {"flux": options}, "affinity")
+    ingress = {"num_replicas": args.ingress_replicas, "ray_actor_options": {"num_cpus": 0.25}}
+    service.deploy(
+        {"lora_root": str(lora_root), "models": [model]},
+        {"flux": options, "Ingress": ingress},
+        "affinity",
+    )
     requests = failures = 0
     try:
         with httpx.Client(base_url=url, timeout=300) as client, ThreadPoolExecutor(64) as pool:
