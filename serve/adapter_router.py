@@ -12,10 +12,16 @@ This router keeps Serve's order of preference (holders first) and closes that wi
 first request for an adapter no replica holds places it on one replica, chosen by the fewest
 adapters (held, or placed there and not yet reported) with ties broken by rendezvous hashing of
 the adapter's key, and the router sends every later request for it there until a replica
-reports it. The rendezvous tie-break makes routers in different processes (several ingress
-replicas) pick the same replica when they see the same reports. A replica chosen for an adapter
-is handed only to a request for that adapter (`_fulfill_next_pending_request`), and other
-replicas come in only once the preferred ones are full.
+reports it. Each ingress replica has a router of its own, and their counts of adapters placed
+and not yet reported differ, so two of them could place one adapter on two replicas (with 2
+ingress replicas that cost 1.167 and 1.2 loads per adapter under bursts, `python -m
+loadtest.affinity --ingress-replicas 2`). So a router claims its placement in the app's
+registry actor (`serve.registry.PlacementClaims`), where the first claim for an adapter wins
+and the others take it: one actor call for the first request for a new adapter in each router,
+beside a load that takes far longer. When the registry does not answer within
+`CLAIM_TIMEOUT_S`, the router's own placement stands. A replica chosen for an adapter is handed
+only to a request for that adapter (`_fulfill_next_pending_request`), and other replicas come
+in only once the preferred ones are full.
 
 A hot adapter spreads: when every replica holding it has at least `spread_queue_gap` more
 requests in flight than the least busy other replica, the request goes to that other replica,
@@ -40,7 +46,9 @@ under the Ray minor versions it was tested with (`ROUTER_RAY_VERSIONS`); under a
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import math
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
@@ -49,9 +57,13 @@ from ray.serve._private.common import RequestMetadata
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from serve.registry import registry_for
+
 # The Ray minor versions whose private routing internals this router was tested against.
 ROUTER_RAY_VERSIONS = ("2.60",)
 
+# How long a router waits for the registry's answer to a claim before its own placement stands.
+CLAIM_TIMEOUT_S = 0.5
 # A placement only has to outlive one first load and its report to the router; a load from a
 # remote store can take a while, and a placement kept too long costs nothing worse than the
 # load Serve's own fallback would make.
@@ -64,6 +76,13 @@ DEFAULT_SPREAD_QUEUE_GAP = 4
 # A replica handed to a request is sent it within a turn or two of the event loop; a pick not
 # sent by then (its caller went away) stops counting.
 PICK_TTL_S = 5.0
+# How long a replica's count of its requests (every router's), from its answer to one of this
+# router's sends or probes, stays part of this router's count. Serve keeps the number in its
+# queue-length cache until this router next hears from the replica, taking off only this
+# router's own completions: once another router's requests there have ended, an old answer
+# would make the replica look crowded and spread its adapters for nothing (seen as repeat
+# requests missing behind 2 ingress replicas, tests/test_adapter_routing.py).
+REPORT_FRESH_S = 1.0
 
 
 def router_supported(ray_version: str) -> bool:
@@ -112,8 +131,11 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         # Per replica, when requests were handed it and not yet sent: the router counts them as
         # its requests (`_fulfill_next_pending_request`).
         self._picked: dict[ReplicaID, deque[float]] = {}
+        # Per replica, when it last answered with its count of requests (monotonic time).
+        self._reported_at: dict[ReplicaID, float] = {}
         # adapter key -> (replica id, monotonic time placed), oldest first
         self._placements: OrderedDict[str, tuple[ReplicaID, float]] = OrderedDict()
+        self._registry = None  # the app's registry actor (serve/registry.py), on first claim
 
     async def choose_replicas(
         self,
@@ -133,7 +155,7 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
             self._placements.pop(adapter_key, None)
             preferred = holders
         else:
-            preferred = [self._placed(adapter_key, candidate_replicas)]
+            preferred = [await self._placed(adapter_key, candidate_replicas)]
         others = [r for r in candidate_replicas if r not in preferred]
         if holders and others and self._crowded(holders, others):
             return [others, holders]
@@ -191,10 +213,12 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         replica has one); Serve's queue-length cache holds what the replica last reported for
         all routers, plus this router's sends and completions since. The larger: with several
         ingress replicas the own count alone would spread an adapter only once each router had
-        the whole gap on its own. Plus the requests handed the replica and not yet sent."""
+        the whole gap on its own; but only a count heard within `REPORT_FRESH_S`. Plus the
+        requests handed the replica and not yet sent."""
         own = self._in_flight.get(replica_id, 0)
         reported = self._replica_queue_len_cache.get(replica_id)
-        sent = own if reported is None else max(own, reported)
+        heard_s_ago = time.monotonic() - self._reported_at.get(replica_id, -math.inf)
+        sent = own if reported is None or heard_s_ago >= REPORT_FRESH_S else max(own, reported)
         picks = self._picked.get(replica_id)
         if picks:
             stale_before = time.monotonic() - PICK_TTL_S
@@ -213,6 +237,10 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         if picks:
             picks.popleft()  # now counted as sent
 
+    def on_new_queue_len_info(self, replica_id: ReplicaID, num_ongoing_requests: int) -> None:
+        super().on_new_queue_len_info(replica_id, num_ongoing_requests)
+        self._reported_at[replica_id] = time.monotonic()
+
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         super().on_request_completed(replica_id, internal_request_id)
         # Serve also reports a request that failed before it was sent: never below zero.
@@ -223,10 +251,11 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         super().on_replica_actor_died(replica_id)
         self._in_flight.pop(replica_id, None)
         self._picked.pop(replica_id, None)
+        self._reported_at.pop(replica_id, None)
 
-    def _placed(self, adapter_key: str, replicas: list[RunningReplica]) -> RunningReplica:
+    async def _placed(self, adapter_key: str, replicas: list[RunningReplica]) -> RunningReplica:
         """Where requests for an adapter no replica reports go: its placement while that
-        replica is up and the placement fresh, else a new one."""
+        replica is up and the placement fresh, else a new one, claimed in the registry."""
         now = time.monotonic()
         placed = self._placements.get(adapter_key)
         if placed is not None and now - placed[1] < PLACEMENT_TTL_S:
@@ -247,5 +276,23 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
             if not self._multiplexed_model_id_to_replica_ids.get(key)
         )
         replica = placement_for(adapter_key, replicas, placed_counts)
-        self._placements[adapter_key] = (replica.replica_id, now)
+        claimed_id = await self._claim(adapter_key, replica, replicas)
+        replica = next((r for r in replicas if r.replica_id.unique_id == claimed_id), replica)
+        self._placements[adapter_key] = (replica.replica_id, time.monotonic())
         return replica
+
+    async def _claim(
+        self, adapter_key: str, replica: RunningReplica, replicas: list[RunningReplica]
+    ) -> str:
+        """The replica id the registry holds for this adapter, claiming `replica` if none."""
+        candidate_ids = [r.replica_id.unique_id for r in replicas]
+        try:
+            if self._registry is None:
+                self._registry = registry_for(self._deployment_id.app_name)
+            call = self._registry.claim_placement.remote(
+                self._deployment_id.name, adapter_key, replica.replica_id.unique_id, candidate_ids
+            )
+            return await asyncio.wait_for(call, CLAIM_TIMEOUT_S)
+        except Exception:  # the registry gone or slow: this router's own placement stands
+            self._registry = None
+            return replica.replica_id.unique_id

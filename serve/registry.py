@@ -1,4 +1,5 @@
-"""Where replicas publish their hot adapters, so `/models` can show every replica.
+"""Where replicas publish their hot adapters, so `/models` can show every replica, and where
+the adapter routers of the ingress replicas agree on where a new adapter goes.
 
 Ray Serve routes on each replica's multiplexed model ids but exposes no public API to read them,
 so each replica reports its own state here: on every cache change, and from `check_health`,
@@ -8,23 +9,65 @@ which Serve calls periodically and so doubles as a heartbeat. Silent replicas ag
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 
 import ray
 
 NAMESPACE = "loraplex"
 STALE_AFTER_S = 60.0
+# A claim only has to outlive one first load and its report to every router (as the routers'
+# own placements, serve/adapter_router.py).
+CLAIM_TTL_S = 120.0
+MAX_CLAIMS = 4096
+
+
+class PlacementClaims:
+    """Placements of new adapters shared by the routers of every ingress replica (held by the
+    app's registry actor, serve/registry.py): the first claim for an adapter of a deployment
+    wins while it is fresh and its replica is still among the caller's candidates."""
+
+    def __init__(self, ttl_s: float = CLAIM_TTL_S, max_claims: int = MAX_CLAIMS):
+        self._ttl_s = ttl_s
+        self._max_claims = max_claims
+        # (deployment, adapter key) -> (replica unique id, monotonic time claimed), oldest first
+        self._claims: OrderedDict[tuple[str, str], tuple[str, float]] = OrderedDict()
+
+    def claim(
+        self, deployment: str, adapter_key: str, replica_id: str, candidate_ids: list[str]
+    ) -> str:
+        """The replica the adapter goes to: an earlier claim's, else `replica_id`."""
+        now = time.monotonic()
+        key = (deployment, adapter_key)
+        held = self._claims.get(key)
+        if held is not None and now - held[1] < self._ttl_s and held[0] in candidate_ids:
+            return held[0]
+        self._claims.pop(key, None)
+        while self._claims and (
+            len(self._claims) >= self._max_claims
+            or now - next(iter(self._claims.values()))[1] >= self._ttl_s
+        ):
+            self._claims.popitem(last=False)
+        self._claims[key] = (replica_id, now)
+        return replica_id
 
 
 @ray.remote(num_cpus=0)
 class ReplicaRegistry:
     def __init__(self) -> None:
         self._states: dict[str, tuple[float, dict]] = {}
+        self._claims = PlacementClaims()
 
     def report(self, state: dict) -> None:
         self._states[state["replica_id"]] = (time.monotonic(), state)
 
     def remove(self, replica_id: str) -> None:
         self._states.pop(replica_id, None)
+
+    def claim_placement(
+        self, deployment: str, adapter_key: str, replica_id: str, candidate_ids: list[str]
+    ) -> str:
+        """PlacementClaims.claim, for the adapter routers of every ingress replica."""
+        return self._claims.claim(deployment, adapter_key, replica_id, candidate_ids)
 
     def snapshot(self) -> list[dict]:
         now = time.monotonic()

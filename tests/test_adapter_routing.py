@@ -1,14 +1,18 @@
-"""Routing by adapter (serve/adapter_router.py): a burst for a new adapter loads it once, and
-a hot adapter whose replica is crowded spreads to the other one.
+"""Routing by adapter (serve/adapter_router.py): a burst for a new adapter loads it once, with
+one ingress replica or two (each with its own router), and a hot adapter whose replica is
+crowded spreads to the other one.
 
-A third app, "routing" at /routing, serves the tiny Flux model on 2 replicas with loraplex's
-router and slots for every adapter, so any load beyond one per adapter is the router's doing.
+Two more apps, "routing" at /routing (one ingress replica) and "routing2" at /routing2 (two),
+serve the tiny Flux model on 2 replicas with loraplex's router and slots for every adapter, so
+any load beyond one per adapter is the router's doing.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import functools
 import time
 from types import SimpleNamespace
@@ -18,13 +22,15 @@ import pytest
 
 from serve.adapter_router import (
     PICK_TTL_S,
+    REPORT_FRESH_S,
     AdapterAffinityRouter,
     placement_for,
     router_supported,
 )
+from serve.registry import PlacementClaims
 
-PREFIX = "/routing"
 ADAPTERS = 4
+TWO_INGRESS_ADAPTERS = 8
 BURST = 4  # concurrent requests per adapter
 SMALL = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 2}
 
@@ -98,22 +104,109 @@ def test_a_replica_leaving_moves_only_the_adapters_it_was_first_for():
     assert moved == {key for key in keys if before[key] == "r3"}
 
 
-def counting_router(own: dict, reported: dict, picked: dict | None = None, gap: int = 4):
+def placing_router(claims: PlacementClaims) -> SimpleNamespace:
+    """What `_placed` reads and writes of a router: its placements, the adapters replicas
+    report (none here), and its claims, made in `claims` as the registry actor makes them."""
+
+    async def claim(adapter_key, chosen, replicas) -> str:
+        ids = [r.replica_id.unique_id for r in replicas]
+        return claims.claim("flux", adapter_key, chosen.replica_id.unique_id, ids)
+
+    return SimpleNamespace(
+        _placements=collections.OrderedDict(), _multiplexed_model_id_to_replica_ids={}, _claim=claim
+    )
+
+
+def placed(router: SimpleNamespace, keys: list[str], replicas) -> list[str]:
+    async def place_all():
+        return [await AdapterAffinityRouter._placed(router, key, replicas) for key in keys]
+
+    return [r.replica_id.unique_id for r in asyncio.run(place_all())]
+
+
+def test_routers_sharing_claims_place_an_adapter_alike():
+    """Each ingress replica has a router, and one that has placed adapters the replicas have
+    not reported yet counts them where it placed them: on its own it would place the next new
+    adapters elsewhere than a router that has not. Through shared claims, they agree."""
+    replicas = [replica("r1", "x"), replica("r2"), replica("r3", "y")]
+    keys = [f"adapter-{i}" for i in range(30)]
+
+    def routers(shared: bool) -> tuple[list[str], list[str]]:
+        busy_claims = PlacementClaims()
+        busy = placing_router(busy_claims)
+        fresh = placing_router(busy_claims if shared else PlacementClaims())
+        placed(busy, [f"earlier-{i}" for i in range(5)], replicas)  # not yet reported
+        # Interleaved, as the two routers see a burst's requests.
+        return placed(busy, keys[::2], replicas) + placed(fresh, keys[::2], replicas), placed(
+            fresh, keys[1::2], replicas
+        ) + placed(busy, keys[1::2], replicas)
+
+    alone = routers(shared=False)
+    assert alone[0][:15] != alone[0][15:]  # without claims, they disagree
+    together = routers(shared=True)
+    assert together[0][:15] == together[0][15:]
+    assert together[1][:15] == together[1][15:]
+
+
+def test_the_first_claim_wins_while_fresh_and_its_replica_is_up():
+    claims = PlacementClaims(ttl_s=60)
+    assert claims.claim("flux", "a", "r1", ["r1", "r2"]) == "r1"
+    assert claims.claim("flux", "a", "r2", ["r1", "r2"]) == "r1"
+    assert claims.claim("sdxl", "a", "r2", ["r1", "r2"]) == "r2"  # per deployment
+    assert claims.claim("flux", "a", "r2", ["r2", "r3"]) == "r2"  # r1 gone: a new claim
+    assert claims.claim("flux", "a", "r3", ["r2", "r3"]) == "r2"
+    stale = PlacementClaims(ttl_s=0)
+    assert stale.claim("flux", "a", "r1", ["r1", "r2"]) == "r1"
+    assert stale.claim("flux", "a", "r2", ["r1", "r2"]) == "r2"
+    bounded = PlacementClaims(max_claims=3)
+    for i in range(10):
+        bounded.claim("flux", f"k{i}", "r1", ["r1"])
+    assert len(bounded._claims) == 3
+
+
+def test_without_an_answer_from_the_registry_the_routers_own_placement_stands():
+    def unreachable(*args):
+        raise RuntimeError("the registry actor is gone")
+
+    router = SimpleNamespace(
+        _registry=SimpleNamespace(claim_placement=SimpleNamespace(remote=unreachable)),
+        _deployment_id=SimpleNamespace(app_name="app", name="flux"),
+    )
+    chosen = replica("r2")
+    claimed = asyncio.run(
+        AdapterAffinityRouter._claim(router, "a", chosen, [replica("r1"), chosen])
+    )
+    assert claimed == "r2"
+    assert router._registry is None  # looked up again at the next claim
+
+
+def counting_router(
+    own: dict,
+    reported: dict,
+    picked: dict | None = None,
+    gap: int = 4,
+    report_age_s: float = 0.0,
+):
     """What `_crowded` and `_requests_on` read of a router: its own counts of requests sent,
-    Serve's reported queue lengths, and the pick times of requests not yet sent, by replica."""
+    Serve's reported queue lengths (heard `report_age_s` ago), and the pick times of requests
+    not yet sent, by replica."""
+    reported_at = time.monotonic() - report_age_s
     router = SimpleNamespace(
         _spread_queue_gap=gap,
         _in_flight=collections.Counter(own),
         _replica_queue_len_cache=SimpleNamespace(get=reported.get),
+        _reported_at=dict.fromkeys(reported, reported_at),
         _picked={k: collections.deque(v) for k, v in (picked or {}).items()},
     )
     router._requests_on = functools.partial(AdapterAffinityRouter._requests_on, router)
     return router
 
 
-def crowding(own: dict[str, int], reported: dict[str, int], gap: int = 4, picked=None):
+def crowding(
+    own: dict[str, int], reported: dict[str, int], gap: int = 4, picked=None, report_age_s=0.0
+):
     """`_crowded` of a router with these own counts and reported queue lengths, by replica."""
-    router = counting_router(own, reported, picked, gap)
+    router = counting_router(own, reported, picked, gap, report_age_s)
 
     def replicas(ids: list[str]) -> list[SimpleNamespace]:
         return [SimpleNamespace(replica_id=replica_id) for replica_id in ids]
@@ -140,6 +233,18 @@ def test_what_replicas_report_counts_when_it_is_more_than_the_routers_own():
     assert crowding(own={"holder": 6}, reported={"holder": 1})(["holder"], ["other"])
 
 
+def test_an_old_report_is_not_counted():
+    """The holder answered 6 a while ago, when another router's requests were there too; this
+    router has 1 there now. Serve still holds the 6 (less this router's completions)."""
+    reported = {"holder": 6, "other": 1}
+    assert crowding(own={"holder": 1}, reported=reported, report_age_s=REPORT_FRESH_S / 2)(
+        ["holder"], ["other"]
+    )
+    assert not crowding(own={"holder": 1}, reported=reported, report_age_s=REPORT_FRESH_S)(
+        ["holder"], ["other"]
+    )
+
+
 def test_requests_handed_a_replica_count_until_they_are_sent():
     now = time.monotonic()
     # A burst: 4 requests handed the holder and not yet sent count as its requests.
@@ -160,35 +265,57 @@ def test_every_holder_must_be_crowded():
     assert crowded(["a"], ["b", "c"])
 
 
-@pytest.fixture(scope="module")
-def routing(ray_cluster, tmp_path_factory):
-    """The routing app with its own adapters; removed at the end of the module."""
+@contextlib.contextmanager
+def routing_app(base_url: str, lora_root, name: str, adapters: int, ingress_replicas: int):
+    """The tiny Flux model on 2 replicas with slots for every adapter, behind
+    `ingress_replicas` ingress replicas (each with a router of its own), at /<name>: a client
+    and the names of `adapters` adapters written for it; the app is removed at the end."""
     from ray import serve
 
     from loadtest import service
     from loadtest.run_locust import ADAPTER_PATTERN, write_adapters
 
-    lora_root = tmp_path_factory.mktemp("routing-loras")
     model = {
         "name": "flux",
         "family": "flux",
         "model_uri": "tiny://flux",
-        "max_adapters_per_replica": ADAPTERS,
+        "max_adapters_per_replica": adapters,
         "price_per_gpu_hour": 2.49,
     }
-    write_adapters([model], lora_root, ADAPTERS + 1)  # the last one for the spreading test
+    write_adapters([model], lora_root, adapters)
     options = {
         "flux": {
             "num_replicas": 2,
-            "max_ongoing_requests": ADAPTERS * BURST,  # never full: the router alone decides
+            "max_ongoing_requests": adapters * BURST,  # never full: the router alone decides
             "ray_actor_options": {"num_cpus": 0.25},
-        }
+        },
+        "Ingress": {"num_replicas": ingress_replicas, "ray_actor_options": {"num_cpus": 0.25}},
     }
-    service.deploy({"lora_root": str(lora_root), "models": [model]}, options, "routing", PREFIX)
-    names = [ADAPTER_PATTERN.format(family="flux", index=i) for i in range(ADAPTERS + 1)]
-    with httpx.Client(base_url=ray_cluster + PREFIX, timeout=300) as client:
-        yield client, names
-    serve.delete("routing")
+    service.deploy({"lora_root": str(lora_root), "models": [model]}, options, name, f"/{name}")
+    names = [ADAPTER_PATTERN.format(family="flux", index=i) for i in range(adapters)]
+    try:
+        with httpx.Client(base_url=f"{base_url}/{name}", timeout=300) as client:
+            yield client, names
+    finally:
+        serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def routing(ray_cluster, tmp_path_factory):
+    """One ingress replica; ADAPTERS adapters for the burst and one more for spreading."""
+    lora_root = tmp_path_factory.mktemp("routing-loras")
+    with routing_app(ray_cluster, lora_root, "routing", ADAPTERS + 1, ingress_replicas=1) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def routing_two_ingress(ray_cluster, tmp_path_factory):
+    """Two ingress replicas, as cluster/production.yaml runs: two routers."""
+    lora_root = tmp_path_factory.mktemp("routing-two-loras")
+    with routing_app(
+        ray_cluster, lora_root, "routing2", TWO_INGRESS_ADAPTERS, ingress_replicas=2
+    ) as app:
+        yield app
 
 
 def replicas_once_reported(client, loads: int) -> list[dict]:
@@ -205,23 +332,36 @@ def replicas_once_reported(client, loads: int) -> list[dict]:
 
 def test_a_burst_for_new_adapters_loads_each_once_on_one_replica(routing):
     client, names = routing
-    names = names[:ADAPTERS]
+    burst_loads_each_adapter_once(client, names[:ADAPTERS])
+
+
+def test_two_ingress_replicas_place_each_new_adapter_on_the_same_replica(routing_two_ingress):
+    """The proxy spreads the burst over both ingress replicas; their routers, each deciding
+    alone, must still send every request for an adapter to one replica."""
+    client, names = routing_two_ingress
+    burst_loads_each_adapter_once(client, names)
+
+
+def burst_loads_each_adapter_once(client: httpx.Client, names: list[str]) -> None:
+    """BURST requests at once for each adapter, none of them loaded: one load each, on one
+    replica; then requests for them all hit."""
     bodies = [{**SMALL, "lora_name": name, "seed": i} for name in names for i in range(BURST)]
     with concurrent.futures.ThreadPoolExecutor(len(bodies)) as pool:
         responses = list(pool.map(lambda body: client.post("/flux-lora", json=body), bodies))
     assert [r.status_code for r in responses] == [200] * len(bodies)
-    assert collections.Counter(r.headers["X-LoRA-Cache"] for r in responses)["miss"] >= ADAPTERS
-    replicas = replicas_once_reported(client, ADAPTERS)
+    misses = collections.Counter(r.headers["X-LoRA-Cache"] for r in responses)["miss"]
+    assert misses >= len(names)
+    replicas = replicas_once_reported(client, len(names))
     assert len(replicas) == 2
     time.sleep(1.0)  # a duplicate load would have been reported by now
-    replicas = replicas_once_reported(client, ADAPTERS)
-    assert sum(r["adapter_loads"] for r in replicas) == ADAPTERS
+    replicas = replicas_once_reported(client, len(names))
+    assert sum(r["adapter_loads"] for r in replicas) == len(names)
     holders = collections.Counter(name for r in replicas for name in r["hot_adapters"])
     assert holders == dict.fromkeys(names, 1)
     # Once loaded, an adapter's requests stay on its replica: no further loads.
     again = [client.post("/flux-lora", json={**SMALL, "lora_name": n}) for n in names * 2]
     assert {r.headers["X-LoRA-Cache"] for r in again} == {"hit"}
-    assert sum(r["adapter_loads"] for r in replicas_once_reported(client, ADAPTERS)) == ADAPTERS
+    assert sum(r["adapter_loads"] for r in replicas_once_reported(client, len(names))) == len(names)
 
 
 def test_a_hot_adapter_spreads_when_its_replica_is_crowded(routing):
