@@ -1,6 +1,7 @@
 """Routing affinity under bursts: adapter loads per distinct adapter, Serve's router and ours.
 
     python -m loadtest.affinity [--rounds 5 --adapters 6 --burst 4 --replicas 2]
+                                [--ingress-replicas 1]
 
 Deploys the tiny Flux model with `--replicas` replicas twice, once with Serve's default
 request router and once with loraplex's (serve/adapter_router.py), on a Ray cluster of its own

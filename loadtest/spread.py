@@ -1,6 +1,6 @@
 """A burst for a hot adapter: how the requests split between its replica and another.
 
-    python -m loadtest.spread [--trials 8 --burst 12 --steps 48]
+    python -m loadtest.spread [--trials 8 --burst 12 --steps 48 --ingress-replicas 1]
 
 Deploys the tiny Flux model on 2 replicas, on a Ray cluster of its own at 127.0.0.1, once per
 router (Serve's default, and loraplex's). Each trial makes a new adapter hot on one replica (one
@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trials", type=int, default=8)
     parser.add_argument("--burst", type=int, default=12, help="concurrent requests per trial")
     parser.add_argument("--steps", type=int, default=48, help="steps of each burst request")
+    parser.add_argument(
+        "--ingress-replicas", type=int, default=1, help="each has a router of its own"
+    )
     parser.add_argument("--out", type=Path, help="write the figures here as JSON")
     return parser.parse_args(argv)
 
@@ -69,7 +72,12 @@ def measure(url: str, lora_root: Path, names: list[str], router: str, args) -> d
         "ray_actor_options": {"num_cpus": 0.25},
         "request_router_config": {"request_router_class": router},
     }
-    service.deploy({"lora_root": str(lora_root), "models": [model]}, {"flux": options}, "spread")
+    ingress = {"num_replicas": args.ingress_replicas, "ray_actor_options": {"num_cpus": 0.25}}
+    service.deploy(
+        {"lora_root": str(lora_root), "models": [model]},
+        {"flux": options, "Ingress": ingress},
+        "spread",
+    )
     to_other, failures = [], 0
     try:
         with httpx.Client(base_url=url, timeout=600) as client, ThreadPoolExecutor(64) as pool:
