@@ -131,21 +131,24 @@ def test_routers_sharing_claims_place_an_adapter_alike():
     replicas = [replica("r1", "x"), replica("r2"), replica("r3", "y")]
     keys = [f"adapter-{i}" for i in range(30)]
 
-    def routers(shared: bool) -> tuple[list[str], list[str]]:
-        busy_claims = PlacementClaims()
-        busy = placing_router(busy_claims)
-        fresh = placing_router(busy_claims if shared else PlacementClaims())
+    def both_place(shared: bool) -> tuple[dict[str, str], dict[str, str]]:
+        """Where each router places the same new adapters, taking turns to go first, as the
+        two see a burst's requests."""
+        claims = PlacementClaims()
+        busy = placing_router(claims)
+        fresh = placing_router(claims if shared else PlacementClaims())
         placed(busy, [f"earlier-{i}" for i in range(5)], replicas)  # not yet reported
-        # Interleaved, as the two routers see a burst's requests.
-        return placed(busy, keys[::2], replicas) + placed(fresh, keys[::2], replicas), placed(
-            fresh, keys[1::2], replicas
-        ) + placed(busy, keys[1::2], replicas)
+        by_busy, by_fresh = {}, {}
+        for i, key in enumerate(keys):
+            turns = [(busy, by_busy), (fresh, by_fresh)]
+            for router, where in turns if i % 2 else turns[::-1]:
+                [where[key]] = placed(router, [key], replicas)
+        return by_busy, by_fresh
 
-    alone = routers(shared=False)
-    assert alone[0][:15] != alone[0][15:]  # without claims, they disagree
-    together = routers(shared=True)
-    assert together[0][:15] == together[0][15:]
-    assert together[1][:15] == together[1][15:]
+    by_busy, by_fresh = both_place(shared=False)
+    assert by_busy != by_fresh  # each on its own: they disagree
+    by_busy, by_fresh = both_place(shared=True)
+    assert by_busy == by_fresh
 
 
 def test_the_first_claim_wins_while_fresh_and_its_replica_is_up():
