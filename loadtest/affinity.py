@@ -86,12 +86,23 @@ def write_results(args, results: dict) -> None:
         args.out.write_text(json.dumps({"args": vars(args) | {"out": str(args.out)}, **results}))
 
 
+def deploy_flux(lora_root: Path, model: dict, options: dict, app_name: str, args) -> None:
+    """The tiny Flux `model` with these deployment options, behind `args.ingress_replicas`
+    ingress replicas (each with a router of its own), as app `app_name`."""
+    from loadtest import service
+
+    ingress = {"num_replicas": args.ingress_replicas, "ray_actor_options": {"num_cpus": 0.25}}
+    service.deploy(
+        {"lora_root": str(lora_root), "models": [model]},
+        {"flux": options, "Ingress": ingress},
+        app_name,
+    )
+
+
 def measure(url: str, lora_root: Path, names: list[str], router: str, args) -> dict:
     """Every round's burst against a fresh deployment that uses `router`."""
     import httpx
     from ray import serve
-
-    from loadtest import service
 
     model = {**MODEL, "max_adapters_per_replica": len(names)}
     options = {
@@ -100,12 +111,7 @@ def measure(url: str, lora_root: Path, names: list[str], router: str, args) -> d
         "ray_actor_options": {"num_cpus": 0.5},
         "request_router_config": {"request_router_class": router},
     }
-    ingress = {"num_replicas": args.ingress_replicas, "ray_actor_options": {"num_cpus": 0.25}}
-    service.deploy(
-        {"lora_root": str(lora_root), "models": [model]},
-        {"flux": options, "Ingress": ingress},
-        "affinity",
-    )
+    deploy_flux(lora_root, model, options, "affinity", args)
     requests = failures = 0
     try:
         with httpx.Client(base_url=url, timeout=300) as client, ThreadPoolExecutor(64) as pool:

@@ -21,7 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from loadtest.affinity import MODEL, per_router, write_results
+from loadtest.affinity import MODEL, deploy_flux, per_router, write_results
 
 BODY = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 2}
 
@@ -63,8 +63,6 @@ def measure(url: str, lora_root: Path, names: list[str], router: str, args) -> d
     import httpx
     from ray import serve
 
-    from loadtest import service
-
     model = {**MODEL, "max_adapters_per_replica": len(names) + 1}
     options = {
         "num_replicas": 2,
@@ -72,12 +70,7 @@ def measure(url: str, lora_root: Path, names: list[str], router: str, args) -> d
         "ray_actor_options": {"num_cpus": 0.25},
         "request_router_config": {"request_router_class": router},
     }
-    ingress = {"num_replicas": args.ingress_replicas, "ray_actor_options": {"num_cpus": 0.25}}
-    service.deploy(
-        {"lora_root": str(lora_root), "models": [model]},
-        {"flux": options, "Ingress": ingress},
-        "spread",
-    )
+    deploy_flux(lora_root, model, options, "spread", args)
     to_other, failures = [], 0
     try:
         with httpx.Client(base_url=url, timeout=600) as client, ThreadPoolExecutor(64) as pool:

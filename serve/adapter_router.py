@@ -57,7 +57,7 @@ from ray.serve._private.common import RequestMetadata
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from serve.registry import registry_for
+from serve.registry import drop_stale, registry_for
 
 # The Ray minor versions whose private routing internals this router was tested against.
 ROUTER_RAY_VERSIONS = ("2.60",)
@@ -263,11 +263,7 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
                 if replica.replica_id == placed[0]:
                     return replica
         self._placements.pop(adapter_key, None)
-        while self._placements and (
-            len(self._placements) >= MAX_PLACEMENTS
-            or now - next(iter(self._placements.values()))[1] >= PLACEMENT_TTL_S
-        ):
-            self._placements.popitem(last=False)
+        drop_stale(self._placements, now, PLACEMENT_TTL_S, MAX_PLACEMENTS)
         # Adapters placed but not yet reported count where they were placed, so a burst of
         # new adapters spreads over the replicas instead of all going to one.
         placed_counts = Counter(

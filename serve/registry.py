@@ -21,6 +21,15 @@ CLAIM_TTL_S = 120.0
 MAX_CLAIMS = 4096
 
 
+def drop_stale(entries: OrderedDict, now: float, ttl_s: float, max_entries: int) -> None:
+    """Drop the oldest entries of `entries` (values `(..., monotonic time added)`, oldest
+    first) that are `ttl_s` old, and more while one more would exceed `max_entries`."""
+    while entries and (
+        len(entries) >= max_entries or now - next(iter(entries.values()))[1] >= ttl_s
+    ):
+        entries.popitem(last=False)
+
+
 class PlacementClaims:
     """Placements of new adapters shared by the routers of every ingress replica (held by the
     app's registry actor, serve/registry.py): the first claim for an adapter of a deployment
@@ -42,11 +51,7 @@ class PlacementClaims:
         if held is not None and now - held[1] < self._ttl_s and held[0] in candidate_ids:
             return held[0]
         self._claims.pop(key, None)
-        while self._claims and (
-            len(self._claims) >= self._max_claims
-            or now - next(iter(self._claims.values()))[1] >= self._ttl_s
-        ):
-            self._claims.popitem(last=False)
+        drop_stale(self._claims, now, self._ttl_s, self._max_claims)
         self._claims[key] = (replica_id, now)
         return replica_id
 

@@ -38,3 +38,16 @@ def test_a_ray_worker_reads_the_data_plane_from_its_environment(ray_cluster, env
 
     worker = in_worker.options(runtime_env={"env_vars": env_vars}) if env_vars else in_worker
     assert ray.get(worker.remote(), timeout=120) is grpc_on
+
+
+def test_the_ingress_checks_before_it_starts(monkeypatch):
+    """The ingress replica runs the check first in its constructor: nothing else is built."""
+    from serve import serve_settings
+    from serve.ingress import Ingress
+
+    monkeypatch.setattr(serve_settings, "grpc_data_plane_on", lambda: True)
+    # Serve's ingress wrapper subclasses the class we wrote; its constructor is that class's.
+    wrapper = Ingress.func_or_class
+    written = wrapper.__mro__[1]
+    with pytest.raises(UnsupportedServeSetting):
+        written.__init__(object.__new__(wrapper), {}, {})
