@@ -267,7 +267,10 @@ class DiffusionDeployment:
                     for index in indexes:
                         outcomes[index] = e
                     continue
-                if len(group) > 1:
+                # A call its requests all left rendered for no one: it counts as interrupted
+                # (in the render), not as a batch run. Counting it as both let a heartbeat
+                # report show the one count before the other.
+                if len(group) > 1 and not interrupted.is_set():
                     self._batches_run += 1
                     self._requests_batched += len(group)
                 # Each request is billed its share of the call: the shares add up to its time.

@@ -181,11 +181,13 @@ def test_adapters_evicted_while_a_batch_forms_are_back_for_its_call(batching, se
 def test_a_batch_whose_clients_all_left_stops_and_the_next_is_intact(batching, service):
     # Four requests fill a batch that would render for minutes; every client gives up first.
     slow = [body(seed, lora_id="a", width=512, height=512, steps=150) for seed in (1, 2, 3, 4)]
-    before = renders_interrupted(batching)
+    before, batches_before = renders_interrupted(batching), counters(batching)
     with concurrent.futures.ThreadPoolExecutor(BATCH) as pool:
         gone = list(pool.map(lambda r: _times_out(batching, r), slow))
     assert gone == [True] * BATCH
     assert reported(lambda: renders_interrupted(batching), before + 1) == before + 1
+    # The stopped call rendered for no one: it is not counted as a batch run.
+    assert counters(batching) == batches_before
     # The replica is free and renders the next batch as if nothing had happened.
     requests = [body(seed, lora_id="a") for seed in (21, 22, 23, 24)]
     assert_rendered_in_calls(batching, service, requests, calls=1)
