@@ -99,6 +99,10 @@ class DiffusionDeployment:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self._registry = registry_for(context.app_name)
+        # Reports come from the event loop and from Serve's health-check thread: numbered under
+        # a lock, so the registry keeps the newest whichever order they arrive in.
+        self._report_lock = threading.Lock()
+        self._reports_made = 0
         self._gpu_share = _gpu_share()
 
         async def load_adapter(key: str) -> HotAdapter:
@@ -532,7 +536,9 @@ class DiffusionDeployment:
         return encode_image(media, self.family.media_type)
 
     def _report(self) -> None:
-        self._registry.report.remote(self.describe())
+        with self._report_lock:
+            self._reports_made += 1
+            self._registry.report.remote(self.describe(), self._reports_made)
 
 
 def _block_field(index: int) -> str:

@@ -56,17 +56,42 @@ class PlacementClaims:
         return replica_id
 
 
-@ray.remote(num_cpus=0)
-class ReplicaRegistry:
-    def __init__(self) -> None:
-        self._states: dict[str, tuple[float, dict]] = {}
-        self._claims = PlacementClaims()
+class ReplicaStates:
+    """Each replica's latest reported state. A replica reports from its event loop and from
+    Serve's health-check thread, so two reports can arrive in the other order than they were
+    made: each carries the replica's report number, and an older one never replaces a newer."""
 
-    def report(self, state: dict) -> None:
-        self._states[state["replica_id"]] = (time.monotonic(), state)
+    def __init__(self, stale_after_s: float = STALE_AFTER_S):
+        self._stale_after_s = stale_after_s
+        # replica id -> (monotonic time received, report number, state)
+        self._states: dict[str, tuple[float, int, dict]] = {}
+
+    def report(self, state: dict, report_number: int) -> None:
+        held = self._states.get(state["replica_id"])
+        if held is not None and held[1] > report_number:
+            return
+        self._states[state["replica_id"]] = (time.monotonic(), report_number, state)
 
     def remove(self, replica_id: str) -> None:
         self._states.pop(replica_id, None)
+
+    def snapshot(self) -> list[dict]:
+        now = time.monotonic()
+        self._states = {k: v for k, v in self._states.items() if now - v[0] < self._stale_after_s}
+        return [state for _, _, state in self._states.values()]
+
+
+@ray.remote(num_cpus=0)
+class ReplicaRegistry:
+    def __init__(self) -> None:
+        self._states = ReplicaStates()
+        self._claims = PlacementClaims()
+
+    def report(self, state: dict, report_number: int) -> None:
+        self._states.report(state, report_number)
+
+    def remove(self, replica_id: str) -> None:
+        self._states.remove(replica_id)
 
     def claim_placement(
         self, deployment: str, adapter_key: str, replica_id: str, candidate_ids: list[str]
@@ -75,9 +100,7 @@ class ReplicaRegistry:
         return self._claims.claim(deployment, adapter_key, replica_id, candidate_ids)
 
     def snapshot(self) -> list[dict]:
-        now = time.monotonic()
-        self._states = {k: v for k, v in self._states.items() if now - v[0] < STALE_AFTER_S}
-        return [state for _, state in self._states.values()]
+        return self._states.snapshot()
 
 
 def registry_for(app_name: str):
