@@ -1,8 +1,9 @@
 """Smoke of the benchmark and the Locust run: each starts its own Ray cluster and Serve on
 127.0.0.1 in a subprocess (so the session cluster is untouched), both at once: 183 s on the
 2-core development machine in the full suite (alone, `bench --quick` took 98 s and the Locust
-run 59 s there; most of it is starting Ray, Serve and the replicas). Checks that the reports are written and no request failed; the figures themselves are not
-checked here (timings belong to `make bench`, not to tests)."""
+run 59 s there; most of it is starting Ray, Serve and the replicas). Checks that the reports
+are written and no request failed; the figures themselves are not checked here (timings belong
+to `make bench`, not to tests)."""
 
 from __future__ import annotations
 
