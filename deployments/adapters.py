@@ -623,15 +623,16 @@ class PipelineAdapters:
         if wanted == self._active:
             return
         self._unfuse()
+        fusing = adapters[0].adapter_name if self.fuse_single and len(adapters) == 1 else None
         if self._active is not None and all(
             a.adapter_name in self._layers for a in self._active + wanted
         ):
-            self._activate_layers(self._active, wanted)
+            self._activate_layers(self._active, wanted, fusing)
         else:
             self._activate_components(adapters)
         self._active = wanted
-        if self.fuse_single and len(adapters) == 1:
-            self._fuse(adapters[0].adapter_name)
+        if fusing is not None:
+            self._fuse(fusing)
 
     def _activate_components(self, adapters: list[ActiveAdapter]) -> None:
         """Activation through the library, component by component: every LoRA layer of the
@@ -650,14 +651,23 @@ class PipelineAdapters:
                 self._scale_blocks([a for a in here if a.block_scales])
 
     def _activate_layers(
-        self, applied: tuple[ActiveAdapter, ...], wanted: tuple[ActiveAdapter, ...]
+        self,
+        applied: tuple[ActiveAdapter, ...],
+        wanted: tuple[ActiveAdapter, ...],
+        fusing: str | None,
     ) -> None:
         """From one applied stack to another by setting only the layers either uses, with
         peft's per-layer calls. Past the library here: diffusers' `set_adapters` and
         `enable_lora` walk every module of the model on each call, which cost a CPU replica
         more than the fusion's matrix work. Each layer ends as `set_adapters` leaves it: the
         stack's names active, each at its strength. Layers outside both stacks hold none of
-        their adapters, so what they list as active changes nothing."""
+        their adapters, so what they list as active changes nothing.
+
+        A layer about to be fused for `fusing` only gets its scale: a merged layer's forward
+        is its base layer alone, whatever it lists as active, and peft's `set_adapter` walks
+        every adapter the layer holds (a fifth of a switch on the bench model, profiled). It
+        is set in full at the next switch, which touches the fused adapter's layers, or by
+        the library once the stack is forgotten."""
         names = [a.adapter_name for a in wanted]
         touched: dict[str, LoraLayer] = {}
         for adapter in applied + wanted:
@@ -666,7 +676,8 @@ class PipelineAdapters:
         for path, layer in touched.items():
             if names and layer.disable_adapters:
                 layer.enable_adapters(True)
-            layer.set_adapter(names, inference_mode=True)
+            if fusing is None or not self._fusable(path, layer, fusing):
+                layer.set_adapter(names, inference_mode=True)
             is_text_encoder = path.partition(".")[0] in text_encoders
             for adapter in wanted:
                 strength = adapter.clip_strength if is_text_encoder else adapter.strength
@@ -677,15 +688,8 @@ class PipelineAdapters:
         """Add one active adapter's delta (at the scales just set) into the denoiser's weights,
         so its layers run as plain matmuls; the base weights are kept aside and put back as
         they were, bit for bit, by `_unfuse` (peft's unmerge subtracts, which is not exact)."""
-        denoiser_prefix = f"{self.family.denoiser_component}."
         for path, module in self._layers.get(adapter_name, {}).items():
-            if (
-                not path.startswith(denoiser_prefix)
-                or not isinstance(module, LoraLayer)
-                or adapter_name in module.lora_variant  # DoRA and the like: left unfused
-                or module.lora_bias.get(adapter_name)
-                or module.merged
-            ):
+            if not self._fusable(path, module, adapter_name):
                 continue
             base = module.get_base_layer()
             kept = base.weight.data
@@ -709,6 +713,18 @@ class PipelineAdapters:
                 base.weight.data = kept + module.get_delta_weight(adapter_name).to(kept.dtype)
             module.merged_adapters.append(adapter_name)  # peft's forward then skips the LoRA
             self._fused.append((module, kept, adapter_name))
+
+    def _fusable(self, path: str, module: LoraLayer, adapter_name: str) -> bool:
+        """Whether `_fuse` adds this layer's delta for `adapter_name` into its weights: a
+        plain LoRA layer of the denoiser (DoRA and the like, and a LoRA bias, stay unfused)."""
+        return (
+            path.startswith(f"{self.family.denoiser_component}.")
+            and isinstance(module, LoraLayer)
+            and adapter_name in module.lora_A
+            and adapter_name not in module.lora_variant
+            and not module.lora_bias.get(adapter_name)
+            and not module.merged
+        )
 
     def _fusion_buffer(self, module: LoraLayer, like: torch.Tensor) -> torch.Tensor:
         buffer = self._fusion_buffers.get(module)

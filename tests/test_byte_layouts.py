@@ -215,6 +215,39 @@ def test_switches_leave_every_layer_as_the_library_sets_it(pipe, made, fuse):
             adapters.delete(name)
 
 
+@pytest.mark.parametrize("fuse", [False, True])
+def test_a_chain_of_switches_renders_each_stack_as_the_library_does(pipe, made, fuse):
+    """Switch after switch, with no reset between them: a switch into a fused adapter leaves
+    its layers' active lists as they were (only their scales are set), and every later
+    switch must still render each stack as diffusers' activation of it does. One adapter
+    covers only some of the layers, so the others must turn the previous adapter off."""
+    adapters = PipelineAdapters(pipe, get_family("flux"), fuse_single=fuse, max_adapters=4)
+    try:
+        a, b = (adapters.load_prepared(adapters.prepare(made(s)[0], f"c{s}"))[0] for s in (91, 92))
+        partial = lora_tensors(pipe.transformer, "transformer", 93, targets=("to_q", "to_k"))
+        p = "p"
+        adapters.load(p, partial, p)
+        assert 0 < adapters.layer_count(p) < adapters.layer_count(a)
+        stacks = [[on(a)], [on(p)], [on(a)], [on(b, 0.6)], [on(a), on(b)], [on(b)], []]
+        stacks += [[on(p, 1.3)], [on(a, 0.5), on(p)], [on(a)], [on(p)], []]
+        wanted = []
+        for stack in stacks:
+            adapters._unfuse()
+            adapters._active = None  # through the library
+            wanted.append(with_adapters(adapters, *stack))
+        adapters.activate([])  # the chain starts from the library's state for no adapter
+        layer_local = []
+        activate_layers = adapters._activate_layers
+        adapters._activate_layers = lambda *args: layer_local.append(activate_layers(*args))
+        for stack, image in zip(stacks, wanted, strict=True):
+            assert np.array_equal(with_adapters(adapters, *stack), image), stack
+        assert len(layer_local) == len(stacks)  # every one a layer-local switch
+        assert not np.array_equal(wanted[0], wanted[1])
+    finally:
+        for name in loaded(pipe):
+            adapters.delete(name)
+
+
 def test_a_half_precision_file_is_copied_matrix_by_matrix_into_a_float_slot(
     adapters, pipe, tmp_path
 ):
