@@ -665,7 +665,7 @@ class PipelineAdapters:
 
         A layer about to be fused for `fusing` only gets its scale: a merged layer's forward
         is its base layer alone, whatever it lists as active, and peft's `set_adapter` walks
-        every adapter the layer holds (a fifth of a switch on the bench model, profiled). It
+        every adapter the layer holds (a quarter of a switch on the bench model, profiled). It
         is set in full at the next switch, which touches the fused adapter's layers, or by
         the library once the stack is forgotten."""
         names = [a.adapter_name for a in wanted]
