@@ -177,6 +177,14 @@ def test_a_truncated_file_of_a_known_layout_is_refused_and_changes_nothing(adapt
     assert (loaded(pipe), adapters.free_slots(), lora_parameters(pipe)) == state
 
 
+def through_library(adapters, *stack) -> np.ndarray:
+    """The stack's image, activated through diffusers: the applied stack forgotten first, as
+    after a load or a delete, so no layer-local switch is taken."""
+    adapters._unfuse()
+    adapters._active = None
+    return with_adapters(adapters, *stack)
+
+
 @pytest.mark.parametrize("fuse", [False, True])
 def test_switches_leave_every_layer_as_the_library_sets_it(pipe, made, fuse):
     """Each stack in turn through the layer-local switch, against the same stack activated
@@ -205,9 +213,7 @@ def test_switches_leave_every_layer_as_the_library_sets_it(pipe, made, fuse):
         adapters._activate_layers = lambda *args: layer_local.append(activate_layers(*args))
         for stack in stacks:
             switched = with_adapters(adapters, *stack)
-            adapters._unfuse()
-            adapters._active = None  # the next activation goes through the library
-            assert np.array_equal(switched, with_adapters(adapters, *stack)), stack
+            assert np.array_equal(switched, through_library(adapters, *stack)), stack
         assert len(layer_local) >= len(stacks) - 1  # every switch after the first
         assert not np.array_equal(with_adapters(adapters, on(a)), with_adapters(adapters))
     finally:
@@ -230,11 +236,7 @@ def test_a_chain_of_switches_renders_each_stack_as_the_library_does(pipe, made, 
         assert 0 < adapters.layer_count(p) < adapters.layer_count(a)
         stacks = [[on(a)], [on(p)], [on(a)], [on(b, 0.6)], [on(a), on(b)], [on(b)], []]
         stacks += [[on(p, 1.3)], [on(a, 0.5), on(p)], [on(a)], [on(p)], []]
-        wanted = []
-        for stack in stacks:
-            adapters._unfuse()
-            adapters._active = None  # through the library
-            wanted.append(with_adapters(adapters, *stack))
+        wanted = [through_library(adapters, *stack) for stack in stacks]
         adapters.activate([])  # the chain starts from the library's state for no adapter
         layer_local = []
         activate_layers = adapters._activate_layers
