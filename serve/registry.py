@@ -59,21 +59,30 @@ class PlacementClaims:
 class ReplicaStates:
     """Each replica's latest reported state. A replica reports from its event loop and from
     Serve's health-check thread, so two reports can arrive in the other order than they were
-    made: each carries the replica's report number, and an older one never replaces a newer."""
+    made: each carries the replica's report number, and an older one never replaces a newer.
+    For the same reason a report can arrive after its replica was removed: a removed replica
+    stays removed."""
 
     def __init__(self, stale_after_s: float = STALE_AFTER_S):
         self._stale_after_s = stale_after_s
         # replica id -> (monotonic time received, report number, state)
         self._states: dict[str, tuple[float, int, dict]] = {}
+        # replica id -> monotonic time removed, kept as long as a silent replica's state would
+        # be (Serve never reuses a replica id; reports in flight arrive well within that).
+        self._removed: dict[str, float] = {}
 
     def report(self, state: dict, report_number: int) -> None:
-        held = self._states.get(state["replica_id"])
-        if held is not None and held[1] > report_number:
+        replica_id = state["replica_id"]
+        held = self._states.get(replica_id)
+        if replica_id in self._removed or (held is not None and held[1] > report_number):
             return
-        self._states[state["replica_id"]] = (time.monotonic(), report_number, state)
+        self._states[replica_id] = (time.monotonic(), report_number, state)
 
     def remove(self, replica_id: str) -> None:
         self._states.pop(replica_id, None)
+        now = time.monotonic()
+        self._removed = {k: t for k, t in self._removed.items() if now - t < self._stale_after_s}
+        self._removed[replica_id] = now
 
     def snapshot(self) -> list[dict]:
         now = time.monotonic()

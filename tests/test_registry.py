@@ -1,5 +1,6 @@
 """The registry's replica states, behind `/models`: the newest report of each replica wins,
-whichever order reports arrive in, and silent replicas age out."""
+whichever order reports arrive in, a removed replica stays removed, and silent replicas age
+out."""
 
 from __future__ import annotations
 
@@ -31,3 +32,14 @@ def test_a_removed_or_silent_replica_leaves_the_snapshot():
     silent = ReplicaStates(stale_after_s=0)
     silent.report(state("r1", loads=1), report_number=1)
     assert silent.snapshot() == []
+
+
+def test_a_report_arriving_after_its_replica_was_removed_does_not_bring_it_back():
+    # The health-check thread reports as the replica is torn down: its report reaches the
+    # registry after the replica's remove().
+    states = ReplicaStates()
+    states.report(state("r1", loads=1), report_number=1)
+    states.remove("r1")
+    states.report(state("r1", loads=1), report_number=2)
+    states.report(state("r2", loads=3), report_number=1)
+    assert [s["replica_id"] for s in states.snapshot()] == ["r2"]
