@@ -80,7 +80,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="adapter-timing-") as folder:
+        time_operations(args, Path(folder))
 
+
+def time_operations(args: argparse.Namespace, root: Path) -> None:
     from deployments.adapters import ActiveAdapter, PipelineAdapters
     from deployments.family import get_family
     from serve.loras.files import parse_lora_file
@@ -90,7 +94,6 @@ def main() -> None:
     family = get_family("flux")
     pipe = build_pipeline(args.size)
     adapters = PipelineAdapters(pipe, family, max_adapters=1)
-    root = Path(tempfile.mkdtemp(prefix="adapter-timing-"))
     path = write_lora(
         root / "timing.safetensors", lora_tensors(pipe.transformer, "transformer", 1, args.rank)
     )

@@ -49,11 +49,12 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from loadtest.run_locust import ADAPTER_PATTERN, write_adapters
 
-    lora_root = Path(tempfile.mkdtemp(prefix="loraplex-affinity-"))
     count = args.rounds * args.adapters
-    write_adapters([MODEL], lora_root, count)
     names = [ADAPTER_PATTERN.format(family="flux", index=i) for i in range(count)]
-    results = per_router(measure, lora_root, names, args, num_cpus=max(4, args.replicas + 2))
+    with tempfile.TemporaryDirectory(prefix="loraplex-affinity-") as folder:
+        write_adapters([MODEL], Path(folder), count)
+        num_cpus = max(4, args.replicas + 2)
+        results = per_router(measure, Path(folder), names, args, num_cpus=num_cpus)
     print("| router | requests | adapters | loads | loads / adapter | per replica | failures |")
     print("|---|---|---|---|---|---|---|")
     for label, row in results.items():

@@ -162,6 +162,12 @@ def log(message: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    # The model and adapters this run writes (about 260 MB for the full run) go with it.
+    with tempfile.TemporaryDirectory(prefix="loraplex-bench-") as work:
+        return run(args, Path(work))
+
+
+def run(args: argparse.Namespace, work: Path) -> dict:
     import diffusers
     import torch
 
@@ -174,7 +180,6 @@ def main(argv=None) -> dict:
     from serve.loras.synthetic import lora_tensors, write_lora
 
     started = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="loraplex-bench-"))
     pipe = build_pipeline("tiny" if args.quick else "bench", None if args.quick else BENCH_DEPTH)
     pipe.set_progress_bar_config(disable=True)
     model_dir = work / "model"

@@ -104,6 +104,12 @@ def build_pipeline(args):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    # The adapters this run writes (131 MB each at FLUX.1's size) go with it.
+    with tempfile.TemporaryDirectory(prefix="loraplex-gpu-") as lora_root:
+        return run(args, Path(lora_root))
+
+
+def run(args: argparse.Namespace, lora_root: Path) -> dict:
     import diffusers
     import torch
 
@@ -121,7 +127,6 @@ def main(argv=None) -> dict:
     side = IMAGE_TOKENS_SIDE * pipe.vae_scale_factor * 2 // (4 if args.small else 1)
     log(f"pipeline built in {time.perf_counter() - started:.0f} s; latent grid {side} px")
 
-    lora_root = Path(tempfile.mkdtemp(prefix="loraplex-gpu-"))
     names = []
     for i in range(max(args.repeats + 2, args.slots + 1, args.zipf_adapters)):
         tensors = lora_tensors(pipe.transformer, "transformer", i, args.rank, ATTENTION_MLP_TARGETS)

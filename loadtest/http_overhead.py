@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -66,6 +67,7 @@ def main(argv=None) -> None:
                 rows.append((http_ms, replica_ms, local_ms, generation_ms))
     finally:
         service.stop()
+        shutil.rmtree(work)  # the model written for this run
     http, replica, local, generation = (
         statistics.median(column) for column in zip(*rows, strict=True)
     )

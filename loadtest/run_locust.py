@@ -260,24 +260,24 @@ def main(argv=None) -> int:
         missing = wanted - {m["name"] for m in app_args["models"]}
         if missing:
             raise SystemExit(f"--models: not in {args.config}: {sorted(missing)}")
-    lora_root = Path(tempfile.mkdtemp(prefix="loraplex-locust-"))
-    app_args = {**app_args, "lora_root": str(lora_root)}
-    write_adapters(app_args["models"], lora_root, args.adapters)
-
     env = {**env_vars, **{name: os.environ[name] for name in service.ENV_PASSED}}
-    url = service.start(num_cpus=8, env_vars=env)
-    try:
-        started = time.perf_counter()
-        service.deploy(app_args, options, "loraplex")
-        print(f"service ready at {url} in {time.perf_counter() - started:.0f} s", flush=True)
-        before = service.replica_states(url)
-        run_started = time.perf_counter()
-        locust_rc = run_locust(url, args, out)
-        run_s = time.perf_counter() - run_started
-        time.sleep(0.5)  # replicas report their counters to the registry asynchronously
-        replicas = service.replica_states(url)
-    finally:
-        service.stop()
+    # The adapters this run writes go with it.
+    with tempfile.TemporaryDirectory(prefix="loraplex-locust-") as lora_root:
+        app_args = {**app_args, "lora_root": lora_root}
+        write_adapters(app_args["models"], Path(lora_root), args.adapters)
+        url = service.start(num_cpus=8, env_vars=env)
+        try:
+            started = time.perf_counter()
+            service.deploy(app_args, options, "loraplex")
+            print(f"service ready at {url} in {time.perf_counter() - started:.0f} s", flush=True)
+            before = service.replica_states(url)
+            run_started = time.perf_counter()
+            locust_rc = run_locust(url, args, out)
+            run_s = time.perf_counter() - run_started
+            time.sleep(0.5)  # replicas report their counters to the registry asynchronously
+            replicas = service.replica_states(url)
+        finally:
+            service.stop()
     summary = summarize(out, replicas, args, locust_rc, busy_shares(before, replicas, run_s))
     return 0 if summary["requests"] and not summary["failures"] else 1
 

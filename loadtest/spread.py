@@ -43,10 +43,10 @@ def main(argv=None) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from loadtest.run_locust import ADAPTER_PATTERN, write_adapters
 
-    lora_root = Path(tempfile.mkdtemp(prefix="loraplex-spread-"))
-    write_adapters([MODEL], lora_root, args.trials)
     names = [ADAPTER_PATTERN.format(family="flux", index=i) for i in range(args.trials)]
-    results = per_router(measure, lora_root, names, args, num_cpus=8)
+    with tempfile.TemporaryDirectory(prefix="loraplex-spread-") as folder:
+        write_adapters([MODEL], Path(folder), args.trials)
+        results = per_router(measure, Path(folder), names, args, num_cpus=8)
     print("| router | trials | to the other replica, per trial | mean | spread | failures |")
     print("|---|---|---|---|---|---|")
     for label, row in results.items():

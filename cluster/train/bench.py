@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def main() -> None:
             flush=True,
         )
     ray.shutdown()
+    shutil.rmtree(tmp)  # the dataset, checkpoints and LoRAs of this run
 
 
 if __name__ == "__main__":
