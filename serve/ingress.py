@@ -36,7 +36,7 @@ from serve.errors import (
 from serve.loras.catalog import Catalog
 from serve.loras.files import parse_lora_file
 from serve.loras.formats import inspect_lora, trigger_words
-from serve.loras.merge import MergeRequest
+from serve.loras.merge_request import MergeRequest
 from serve.loras.remote import check_url
 from serve.loras.store import LORA_SUFFIX, LoraRef, LoraStore
 from serve.loras.uploads import Uploads, UploadStart, checked_target, with_metadata
