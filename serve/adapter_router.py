@@ -135,6 +135,8 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         self._reported_at: dict[ReplicaID, float] = {}
         # adapter key -> (replica id, monotonic time placed), oldest first
         self._placements: OrderedDict[str, tuple[ReplicaID, float]] = OrderedDict()
+        # adapter key -> (its claim in the registry, still unanswered; the replica proposed)
+        self._claims_in_flight: dict[str, tuple[asyncio.Future, RunningReplica]] = {}
         self._registry = None  # the app's registry actor (serve/registry.py), on first claim
 
     async def choose_replicas(
@@ -262,20 +264,47 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
             for replica in replicas:
                 if replica.replica_id == placed[0]:
                     return replica
-        self._placements.pop(adapter_key, None)
-        drop_stale(self._placements, now, PLACEMENT_TTL_S, MAX_PLACEMENTS)
-        # Adapters placed but not yet reported count where they were placed, so a burst of
-        # new adapters spreads over the replicas instead of all going to one.
+        if adapter_key not in self._claims_in_flight:
+            self._placements.pop(adapter_key, None)
+            drop_stale(self._placements, now, PLACEMENT_TTL_S, MAX_PLACEMENTS)
+            self._start_claim(adapter_key, replicas)
+        # The requests of a burst are routed side by side while a claim is out: they all wait
+        # for its one answer, shielded so that one of them going away does not withdraw it.
+        claim, proposed = self._claims_in_flight[adapter_key]
+        claimed_id = await asyncio.shield(claim)
+        for replica in replicas:
+            if replica.replica_id.unique_id == claimed_id:
+                return replica
+        return proposed if proposed in replicas else placement_for(adapter_key, replicas)
+
+    def _start_claim(self, adapter_key: str, replicas: list[RunningReplica]) -> None:
+        """Propose a replica for a new adapter and claim it in the registry; the answer becomes
+        the router's placement."""
+        # Adapters placed but not yet reported count where they were placed, and so do those
+        # whose claims are still out, so a burst of new adapters (routed side by side while the
+        # registry answers) spreads over the replicas instead of all going to one.
         placed_counts = Counter(
             replica_id.unique_id
             for key, (replica_id, _) in self._placements.items()
             if not self._multiplexed_model_id_to_replica_ids.get(key)
         )
-        replica = placement_for(adapter_key, replicas, placed_counts)
-        claimed_id = await self._claim(adapter_key, replica, replicas)
-        replica = next((r for r in replicas if r.replica_id.unique_id == claimed_id), replica)
-        self._placements[adapter_key] = (replica.replica_id, time.monotonic())
-        return replica
+        placed_counts.update(
+            proposed.replica_id.unique_id for _, proposed in self._claims_in_flight.values()
+        )
+        proposed = placement_for(adapter_key, replicas, placed_counts)
+        claim = asyncio.ensure_future(self._claim(adapter_key, proposed, replicas))
+
+        def settle(claim: asyncio.Future) -> None:
+            # Runs before the requests waiting for the claim resume (callbacks run in order).
+            del self._claims_in_flight[adapter_key]
+            if claim.cancelled() or claim.exception() is not None:
+                return
+            claimed_id = claim.result()
+            replica = next((r for r in replicas if r.replica_id.unique_id == claimed_id), proposed)
+            self._placements[adapter_key] = (replica.replica_id, time.monotonic())
+
+        claim.add_done_callback(settle)
+        self._claims_in_flight[adapter_key] = (claim, proposed)
 
     async def _claim(
         self, adapter_key: str, replica: RunningReplica, replicas: list[RunningReplica]
