@@ -2,9 +2,9 @@
 127.0.0.1 in a subprocess (so the session cluster is untouched), both at once: on the 2-core
 development machine, 183 s in the full suite and 149 s alone (one after the other took 168 s;
 alone, `bench --quick` took 98 s and the Locust run 59 s; most of it is starting Ray, Serve and
-the replicas). Checks that the reports
-are written, no request failed and the files they wrote are gone; the figures themselves are
-not checked here (timings belong to `make bench`, not to tests)."""
+the replicas). Checks that the reports are written, no request failed and the files they
+wrote are gone; the figures themselves are not checked here (timings belong to `make bench`,
+not to tests)."""
 
 from __future__ import annotations
 
