@@ -116,6 +116,11 @@ def placement_for(
     return min(replicas, key=rank)
 
 
+def with_id(replicas: Iterable[RunningReplica], unique_id: str) -> RunningReplica | None:
+    """The replica of `replicas` with that unique id, if one is."""
+    return next((r for r in replicas if r.replica_id.unique_id == unique_id), None)
+
+
 class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
     """See the module docstring. Serve builds one per deployment handle, in the process that
     holds the handle (the ingress replica), and calls it on that process's event loop."""
@@ -272,10 +277,11 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         # for its one answer, shielded so that one of them going away does not withdraw it.
         claim, proposed = self._claims_in_flight[adapter_key]
         claimed_id = await asyncio.shield(claim)
-        for replica in replicas:
-            if replica.replica_id.unique_id == claimed_id:
-                return replica
-        return proposed if proposed in replicas else placement_for(adapter_key, replicas)
+        return (
+            with_id(replicas, claimed_id)
+            or with_id(replicas, proposed.replica_id.unique_id)
+            or placement_for(adapter_key, replicas)
+        )
 
     def _start_claim(self, adapter_key: str, replicas: list[RunningReplica]) -> None:
         """Propose a replica for a new adapter and claim it in the registry; the answer becomes
@@ -299,8 +305,7 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
             del self._claims_in_flight[adapter_key]
             if claim.cancelled() or claim.exception() is not None:
                 return
-            claimed_id = claim.result()
-            replica = next((r for r in replicas if r.replica_id.unique_id == claimed_id), proposed)
+            replica = with_id(replicas, claim.result()) or proposed
             self._placements[adapter_key] = (replica.replica_id, time.monotonic())
 
         claim.add_done_callback(settle)
