@@ -18,9 +18,9 @@ two stacks (`_activate_layers`).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
-import inspect
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -32,39 +32,26 @@ from diffusers.loaders.lora_base import (
     set_adapters_for_text_encoder,
 )
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.utils.state_dict_utils import (
-    convert_state_dict_to_diffusers,
-    convert_state_dict_to_peft,
-    convert_unet_state_dict_to_peft,
-)
 from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from deployments import byte_layouts
+from deployments import byte_layouts, lycoris
+from deployments.base_guard import BaseGuard
 from deployments.blocks import BlockLayout, BlockScales
 from deployments.byte_layouts import ByteLayout
-from deployments.family import Family, detect_lora_family
+from deployments.family import Family
+from deployments.lora_anatomy import FileAnatomy
+from deployments.lora_check import MAX_KEY_EXAMPLES, LoraChecker
 from serve.errors import LoraIncompatible
 from serve.loras.files import parse_lora_file, read_header
 from serve.loras.formats import adapter_configs, apply_metadata_alpha
 
-MAX_KEY_EXAMPLES = 3
 MAX_BYTE_LAYOUTS = 256  # file layouts remembered per pipeline (`prepare`), least recent dropped
 # Headers up to this size are also remembered whole, as the fastest key; longer ones (kohya's
 # metadata can be large) only by their tensor entries, so the keys stay small.
 MAX_RAW_KEY_BYTES = 256 * 1024
 SLOT_NAME_PREFIX = "lx_slot"  # adapters loaded through `load_reusing`
-# Converters drop what they cannot place, so a few leftovers are tolerated; more means the file
-# was made for another model, and loading it would silently change less than its author meant.
-MAX_UNMATCHED_SHARE = 0.05
-# The key endings of a LoRA's down (A) matrix in every layout diffusers reads: one per module.
-LORA_DOWN_SUFFIXES = (
-    ".lora_A.weight",
-    ".lora_down.weight",
-    ".lora.down.weight",
-    "_lora.down.weight",
-)
 
 
 @dataclass(frozen=True)
@@ -117,18 +104,20 @@ class PipelineAdapters:
         # (a walk over every module of a large model costs as much as a copy into them).
         self._layers: dict[str, dict[str, LoraLayer]] = {}
         self._signatures: dict[str, Signature | None] = {}  # fixed when the layers are built
-        # `<component>.<module>` -> (in, out features), or None for no such module: looked up
-        # once per module, not per check (a cold load's largest cost after the slots). Dropped
-        # on each fresh load, which may reshape a base layer (diffusers' Flux loader widens
-        # some for Control LoRAs).
-        self._features: dict[str, tuple | None] = {}
+        self.checker = LoraChecker(pipe, family)
+        # The base model as loaded: each fresh load is compared with it (`load`).
+        self.guard = BaseGuard(pipe, family.lora_components)
+        # Why the pipeline can no longer serve (a load changed it beyond repair), or None.
+        self.broken: str | None = None
+        # LoKr / LoHa adapters: their factors, applied into the base weights while active.
+        self._lycoris: dict[str, lycoris.LycorisAdapter] = {}
+        self._lycoris_fused: list[tuple[torch.nn.Module, torch.Tensor]] = []  # (layer, kept)
         self._slots_made = 0
         # Loads that built new layers (diffusers' `load_lora_weights`): no free slot fit. Every
         # other load refilled a slot, at a small part of the cost.
         self.fresh_loads = 0
         # File layouts seen, by raw header bytes and by header entries (`byte_layouts`). Kept
-        # over fresh loads: the one load that reshapes base layers (a Flux Control LoRA, whose
-        # wider lora_A makes diffusers widen the base layer) is refused by `check` first.
+        # over fresh loads, which never reshape a base layer (`load` undoes any that does).
         self._byte_layouts: OrderedDict[object, ByteLayout] = OrderedDict()
         self._byte_layouts_lock = threading.Lock()
         # Free-slot matrices by converted key, and the slots laid out as a file's data:
@@ -151,168 +140,27 @@ class PipelineAdapters:
         return self.blocks.scales(block_weights, field)
 
     def check(self, tensors: dict[str, torch.Tensor], label: str) -> int:
-        """Count the file's LoRA matrices that fit a module of this model, without touching the
-        pipeline; LoraIncompatible when too few fit, naming the family the file is for when its
-        keys say. Safe to call beside a generation."""
-        return self._checked(tensors, label)[0]
-
-    def _checked(
-        self, tensors: dict[str, torch.Tensor], label: str
-    ) -> tuple[int, dict, dict, dict]:
-        """`check`, returning also what it converted: (matched, clones of `tensors` by file
-        name, converted tensors in peft's layout, network alphas)."""
-        try:
-            return self._count_matches(tensors, label)
-        except LoraIncompatible as e:
-            made_for = detect_lora_family(tensors)
-            if made_for is None or made_for == self.family.name:
-                raise
-            raise LoraIncompatible(
-                f"Failed to load LoRA: {label}: a {made_for} LoRA cannot be used with "
-                f"{self.family.name} ({e.message.split(': ', 2)[-1]})"
-            ) from e
-
-    def _count_matches(self, tensors: dict[str, torch.Tensor], label: str) -> tuple:
-        clones = {key: tensor.clone() for key, tensor in tensors.items()}
-        copies = self._renamed(dict(clones))
-        source_modules = sum(key.endswith(LORA_DOWN_SUFFIXES) for key in copies)
-        try:
-            converted, network_alphas = self._convert(copies)
-        except Exception as e:
-            raise LoraIncompatible(f"Failed to load LoRA: {label}: {_describe(e)}") from e
-        matrices = [key for key in converted if ".lora_A." in key or ".lora_B." in key]
-        unmatched = [key for key in matrices if not self._fits(key, converted[key])]
-        matched = len(matrices) - len(unmatched)
-        # diffusers' converters split fused modules (one becomes several) but never merge them,
-        # and drop, with at most a log line, the keys they do not know: fewer modules out than
-        # in means some of the file would silently not be applied. Counted as unmatched.
-        converted_modules = sum(".lora_A." in key for key in converted)
-        dropped = 2 * max(0, source_modules - converted_modules)
-        total = len(matrices) + dropped
-        if matched == 0 or len(unmatched) + dropped > MAX_UNMATCHED_SHARE * total:
-            if dropped and len(unmatched) < MAX_KEY_EXAMPLES:
-                unmatched += self._dropped_examples(copies)
-            examples = ", ".join((unmatched or list(tensors))[:MAX_KEY_EXAMPLES])
-            lost = f" ({dropped} dropped by the format conversion)" if dropped else ""
-            raise LoraIncompatible(
-                f"Failed to load LoRA: {label}: {matched} of {total or len(tensors)} "
-                f"LoRA matrices match the {self.family.name} model{lost}; unmatched e.g. "
-                f"{examples}"
-            )
-        return matched, clones, converted, network_alphas
-
-    def _dropped_examples(self, tensors: dict[str, torch.Tensor]) -> list[str]:
-        """Down-matrix keys of modules that diffusers' conversion drops: each module converted
-        on its own (only on the way to an error, so the cost does not matter)."""
-        examples = []
-        for key in tensors:
-            suffix = next((s for s in LORA_DOWN_SUFFIXES if key.endswith(s)), None)
-            if suffix is None:
-                continue
-            stem = key.removesuffix(suffix)
-            prefixes = (f"{stem}.", f"{stem}_lora.")
-            module = {k: v.clone() for k, v in tensors.items() if k.startswith(prefixes)}
-            try:
-                converted = self.pipe.lora_state_dict(module, **self._conversion_kwargs())
-                converted = converted[0] if isinstance(converted, tuple) else converted
-                survived = any(".lora_A." in k or "down" in k for k in converted)
-            except Exception:
-                survived = False
-            if not survived:
-                examples.append(key)
-                if len(examples) == MAX_KEY_EXAMPLES:
-                    break
-        return examples
-
-    def _copies(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Renamed copies of a file's tensors, to convert: converters may scale tensors in place
-        (diffusers' ComfyUI Wan converter does), and the caller's are loaded next."""
-        return self._renamed({key: tensor.clone() for key, tensor in tensors.items()})
-
-    def _conversion_kwargs(self) -> dict:
-        kwargs = {}
-        if getattr(self.pipe, "unet", None) is not None:
-            kwargs["unet_config"] = self.pipe.unet.config  # maps kohya SDXL's SGM block names
-        if "return_alphas" in inspect.signature(self.pipe.lora_state_dict).parameters:
-            kwargs["return_alphas"] = True  # Flux's reports kohya alphas only when asked
-        return kwargs
-
-    def _convert(self, copies: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict]:
-        """diffusers' format conversion (`lora_state_dict`) of `_copies`, in the key layout peft
-        gives the loaded layers, and the network alphas it reports (kohya `.alpha`, which a
-        load turns into per-module scales; empty where none). Raises what diffusers raises."""
-        converted = self.pipe.lora_state_dict(copies, **self._conversion_kwargs())
-        alphas = None
-        if isinstance(converted, tuple):
-            converted, alphas = converted[0], converted[1]
-        return self._peft_layout(converted), alphas or {}
-
-    def _renamed(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The file's keys in a layout diffusers converts, where the family needs a rename."""
-        if self.family.convert_lora is None:
-            return tensors
-        return self.family.convert_lora(tensors)
-
-    def _peft_layout(self, converted: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The keys as peft names them once loaded. `lora_state_dict` leaves UNet-family files
-        in diffusers' older layouts (`to_q_lora.down`) and CLIP keys with the `text_model.`
-        prefix that transformers 5 dropped; `load_lora_weights` renames both on the way in, per
-        component, and this does the same renaming, without loading."""
-        by_component: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in converted.items():
-            attr, _, rest = key.partition(".")
-            by_component.setdefault(attr, {})[rest] = tensor
-        renamed = {}
-        for attr, part in by_component.items():
-            if not any(".lora_A." in key or ".lora_B." in key for key in part):
-                if attr in self.family.text_encoder_components:
-                    part = _text_encoder_peft_layout(part)
-                else:
-                    part = convert_unet_state_dict_to_peft(part)
-            component = getattr(self.pipe, attr, None)
-            if attr in self.family.text_encoder_components and not hasattr(component, "text_model"):
-                part = {key.removeprefix("text_model."): tensor for key, tensor in part.items()}
-            renamed.update({f"{attr}.{key}": tensor for key, tensor in part.items()})
-        return renamed
-
-    def _fits(self, key: str, tensor: torch.Tensor) -> bool:
-        """Whether `<component>.<module>.lora_{A,B}.weight` names a module this matrix fits."""
-        attr, _, rest = key.partition(".")
-        if attr not in self.family.lora_components:
-            return False
-        module_path, _, kind = rest.rpartition(".lora_")
-        features = self._features  # a fresh load may replace it beside this check
-        path = f"{attr}.{module_path}"
-        if path not in features:
-            features[path] = self._module_features(attr, module_path)
-        if features[path] is None:
-            return False
-        in_features, out_features = features[path]
-        if kind.startswith("A"):
-            return tensor.ndim >= 2 and tensor.shape[1] == in_features
-        return tensor.ndim >= 2 and tensor.shape[0] == out_features
-
-    def _module_features(self, attr: str, module_path: str) -> tuple | None:
-        component = getattr(self.pipe, attr, None)
-        try:
-            module = component.get_submodule(module_path)
-        except AttributeError:
-            return None
-        in_features = getattr(module, "in_features", getattr(module, "in_channels", None))
-        out_features = getattr(module, "out_features", getattr(module, "out_channels", None))
-        return in_features, out_features
+        """Count the file's LoRA matrices (LyCORIS: module parts) that land on a module of
+        this model, without touching the pipeline; LoraIncompatible naming what does not fit
+        (`lora_check.py`). Safe to call beside a generation."""
+        return self.checker.check(tensors, label).matched
 
     def load(self, adapter_name: str, tensors: dict[str, torch.Tensor], label: str) -> int:
-        """Inject an adapter; returns its layer count. On any failure the pipeline is unchanged."""
+        """Inject an adapter; returns its layer count. On any failure the pipeline is unchanged:
+        a load that changed a base layer anyway is undone and refused (`base_guard.py`)."""
         self._unfuse()
         self._active = None  # diffusers activates what it loads; the next request re-activates
-        self._features = {}
         self._signatures.pop(adapter_name, None)
+        if FileAnatomy.of(tensors).kind in ("LoKr", "LoHa"):
+            return self._load_lycoris(adapter_name, tensors, label)
         try:
-            self.pipe.load_lora_weights(self._renamed(dict(tensors)), adapter_name=adapter_name)
+            renamed = self.checker.converter.renamed(dict(tensors))
+            self.pipe.load_lora_weights(renamed, adapter_name=adapter_name)
         except Exception as e:
             self.delete(adapter_name)
+            self._refuse_if_base_changed(label)
             raise LoraIncompatible(f"Failed to load LoRA: {label}: {_describe(e)}") from e
+        self._refuse_if_base_changed(label, adapter_name)
         self._layers[adapter_name] = self._find_layers(adapter_name)
         layers = len(self._layers[adapter_name])
         if layers == 0:
@@ -324,11 +172,60 @@ class PipelineAdapters:
             )
         return layers
 
+    def _refuse_if_base_changed(self, label: str, adapter_name: str | None = None) -> None:
+        """After a fresh load: if a base layer, parameter or config value changed, delete the
+        adapter, put the base model back and refuse the file. What cannot be put back marks
+        the pipeline broken (`broken`), which the replica's health check reports."""
+        changes = self.guard.changes()
+        if not changes:
+            return
+        if adapter_name is not None:
+            self.delete(adapter_name)
+        unrestored = self.guard.restore()
+        self.checker.forget_shapes()
+        more = f" and {len(changes) - 1} more" if len(changes) > 1 else ""
+        outcome = "the change was undone and the file refused"
+        if unrestored:
+            self.broken = f"a load of {label} changed the base model: {unrestored[0]}"
+            outcome = "the file is refused and this replica will be replaced"
+        raise LoraIncompatible(
+            f"Failed to load LoRA: {label}: loading it changed the base model "
+            f"({changes[0]}{more}); {outcome}"
+        )
+
+    def _load_lycoris(self, adapter_name: str, tensors: dict[str, torch.Tensor], label: str):
+        """A LoKr / LoHa file: its factors kept beside the model, applied by `_fuse_lycoris`."""
+        checked = self.checker.check(tensors, label)
+        modules = lycoris.modules_of(self.checker.converter.renamed(dict(tensors)))
+        device = self._device()
+        modules = {
+            stem: dataclasses.replace(
+                module, factors={k: v.to(device) for k, v in module.factors.items()}
+            )
+            for stem, module in modules.items()
+        }
+        targets = {
+            stem: [(t.path, self._base_layer(t.path), t) for t in found]
+            for stem, found in checked.lycoris.items()
+        }
+        adapter = lycoris.LycorisAdapter(checked.anatomy.kind, modules, targets)
+        self._lycoris[adapter_name] = adapter
+        return adapter.layer_count
+
+    def _base_layer(self, path: str) -> torch.nn.Module:
+        attr, _, module_path = path.partition(".")
+        module = getattr(self.pipe, attr).get_submodule(module_path)
+        return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+    def _device(self) -> torch.device:
+        return getattr(self.pipe, self.family.denoiser_component).device
+
     def delete(self, adapter_name: str) -> None:
         """Remove an adapter's layers from every component and free their memory."""
         self._unfuse()
         self._active = None
         self._free.pop(adapter_name, None)
+        self._lycoris.pop(adapter_name, None)
         self._layers.pop(adapter_name, None)
         self._signatures.pop(adapter_name, None)
         self._slot_parameters.pop(adapter_name, None)
@@ -371,8 +268,11 @@ class PipelineAdapters:
             return PreparedAdapter(label, data, layout=layout)
         parsed, metadata = parse_lora_file(data, label)
         tensors = apply_metadata_alpha(parsed, metadata, label)
-        _, clones, converted, network_alphas = self._checked(tensors, label)
-        slot_layout = self._slot_layout_of(converted, network_alphas)
+        checked = self.checker.check(tensors, label)
+        clones, converted = checked.clones, checked.converted
+        slot_layout = None
+        if checked.lycoris is None:
+            slot_layout = self._slot_layout_of(converted, checked.network_alphas)
         if slot_layout is not None and entries_key is not None:
             signature = self._interned(_signature_of(slot_layout))
             layout = byte_layouts.derive(header, data, parsed, clones, slot_layout, signature)
@@ -499,7 +399,9 @@ class PipelineAdapters:
         (kohya's `.alpha`, which diffusers turns into per-module scales), no DoRA, no bias, one
         rank per component. None when in doubt: the caller then loads freshly."""
         try:
-            converted, network_alphas = self._convert(self._copies(tensors))
+            converter = self.checker.converter
+            copies = converter.renamed({key: tensor.clone() for key, tensor in tensors.items()})
+            converted, network_alphas = converter.convert(copies)
         except Exception:
             return None  # the fresh load reports the error
         return self._slot_layout_of(converted, network_alphas)
@@ -602,7 +504,21 @@ class PipelineAdapters:
 
     def layer_count(self, adapter_name: str) -> int:
         """How many of the model's layers this adapter modifies, over all components."""
+        if adapter_name in self._lycoris:
+            return self._lycoris[adapter_name].layer_count
         return len(self._find_layers(adapter_name))
+
+    def kind_of(self, adapter_name: str) -> str:
+        """The adapter's kind: LoKr / LoHa (LyCORIS), DoRA (peft DoRA layers) or LoRA."""
+        adapter = self._lycoris.get(adapter_name)
+        if adapter is not None:
+            return adapter.kind
+        layers = self._layers.get(adapter_name) or self._find_layers(adapter_name)
+        if any(
+            adapter_name in getattr(layer, "lora_magnitude_vector", {}) for layer in layers.values()
+        ):
+            return "DoRA"
+        return "LoRA"
 
     def _find_layers(self, adapter_name: str) -> dict[str, LoraLayer]:
         layers = {}
@@ -623,16 +539,42 @@ class PipelineAdapters:
         if wanted == self._active:
             return
         self._unfuse()
-        fusing = adapters[0].adapter_name if self.fuse_single and len(adapters) == 1 else None
+        # LoKr / LoHa adapters hold no peft layers: the library activates the LoRAs, and the
+        # LyCORIS deltas are added into the base weights after.
+        loras = tuple(a for a in wanted if a.adapter_name not in self._lycoris)
+        applied = tuple(a for a in self._active or () if a.adapter_name not in self._lycoris)
+        single = self.fuse_single and len(wanted) == 1 and len(loras) == 1
+        fusing = loras[0].adapter_name if single else None
         if self._active is not None and all(
-            a.adapter_name in self._layers for a in self._active + wanted
+            a.adapter_name in self._layers for a in applied + loras
         ):
-            self._activate_layers(self._active, wanted, fusing)
+            self._activate_layers(applied, loras, fusing)
         else:
-            self._activate_components(adapters)
+            self._activate_components(list(loras))
         self._active = wanted
         if fusing is not None:
             self._fuse(fusing)
+        self._fuse_lycoris([a for a in wanted if a.adapter_name in self._lycoris])
+
+    def _fuse_lycoris(self, adapters: list[ActiveAdapter]) -> None:
+        """Add each active LoKr / LoHa adapter's delta, at its strength (text encoders: its
+        clip strength; weighted blocks: times the block's weight), into the base weights it
+        changes; `_unfuse` puts the kept weights back, bit for bit."""
+        denoiser_prefix = f"{self.family.denoiser_component}."
+        for adapter in adapters:
+            weights = dict(adapter.block_scales)
+            for path, layer, delta in self._lycoris[adapter.adapter_name].deltas():
+                if path.startswith(denoiser_prefix):
+                    strength = adapter.strength
+                    found = self.blocks.block_of(path.removeprefix(denoiser_prefix))
+                    if found is not None and found[0] in weights:
+                        strength *= weights[found[0]][found[1]]
+                else:
+                    strength = adapter.clip_strength
+                kept = layer.weight.data
+                with torch.no_grad():
+                    layer.weight.data = kept + delta * strength
+                self._lycoris_fused.append((layer, kept))
 
     def _activate_components(self, adapters: list[ActiveAdapter]) -> None:
         """Activation through the library, component by component: every LoRA layer of the
@@ -738,6 +680,9 @@ class PipelineAdapters:
         return buffer
 
     def _unfuse(self) -> None:
+        for layer, kept in reversed(self._lycoris_fused):
+            layer.weight.data = kept
+        self._lycoris_fused = []
         for module, kept, adapter_name in self._fused:
             module.get_base_layer().weight.data = kept
             module.merged_adapters.remove(adapter_name)
@@ -776,13 +721,6 @@ def _signature_of(converted: dict[str, torch.Tensor]) -> Signature:
 def _describe(error: Exception) -> str:
     """The error's message, or its type where it has none (a converter's bare assert)."""
     return str(error) or f"{type(error).__name__} in diffusers' LoRA conversion"
-
-
-def _text_encoder_peft_layout(part: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    try:
-        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
-    except ValueError:  # a layout diffusers does not know: left as is, to be counted unmatched
-        return part
 
 
 def _activate_component(component, names: list[str], weights: list[float]) -> None:

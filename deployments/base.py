@@ -33,7 +33,7 @@ from deployments.family import get_family
 from deployments.loading import load_pipeline
 from deployments.shared_reads import SharedReads
 from serve.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
-from serve.errors import InvalidRequest
+from serve.errors import InvalidRequest, LoraIncompatible
 from serve.loras.merge import adapter_factors, concatenate, merged_file
 from serve.loras.remote import RemoteLoraCache
 from serve.loras.root_cache import RootCache
@@ -343,6 +343,12 @@ class DiffusionDeployment:
                             self._load_for_merge, adapter_name, staged[use.key], use.name
                         )
                         temporary.append(adapter_name)
+                    kind = self.adapters.kind_of(adapter_name)
+                    if kind != "LoRA":  # a LoRA file holds A and B only: the rest would be lost
+                        raise LoraIncompatible(
+                            f"Failed to load LoRA: {use.name}: a {kind} adapter cannot be "
+                            "merged into a LoRA file"
+                        )
                     factors = await self._in_torch_thread(
                         adapter_factors, components, adapter_name, use.name
                     )
@@ -389,6 +395,10 @@ class DiffusionDeployment:
     def check_health(self) -> None:
         # Serve calls this every health_check_period_s: it doubles as the registry heartbeat.
         self._report()
+        if self.adapters.broken is not None:
+            # A load changed the base model in a way that could not be undone: Serve replaces
+            # this replica rather than let it serve a model that is not the configured one.
+            raise RuntimeError(f"the pipeline is not the model as loaded: {self.adapters.broken}")
 
     def __del__(self):
         executor = getattr(self, "_torch", None)

@@ -110,13 +110,23 @@ class Family:
 
 
 def detect_lora_family(keys) -> str | None:
-    """The family whose LoRA key markers the most keys carry, or None if no marker matches."""
+    """The family whose LoRA key markers the most denoiser keys carry (text-encoder keys
+    only where the file has no other), or None if no marker matches. Text encoders are shared
+    between families (Flux's T5 part is named `lora_te2_`, as SDXL's second CLIP is), so they
+    never outvote the denoiser."""
+    keys = list(keys)
+    denoiser_keys = [key for key in keys if not _is_text_encoder_key(key)]
+    keys = denoiser_keys or keys
     scores = {}
     for name in FAMILY_NAMES:
         markers = get_family(name).lora_markers
         scores[name] = sum(any(m in key for m in markers) for key in keys) if markers else 0
     best = max(scores, key=scores.get)
     return best if scores[best] > 0 else None
+
+
+def _is_text_encoder_key(key: str) -> bool:
+    return key.startswith(("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_", "text_encoder"))
 
 
 def get_family(name: str) -> Family:

@@ -30,9 +30,17 @@ class LoraNotFound(LoraplexError):
 
 
 class LoraIncompatible(LoraplexError):
-    """The file exists but cannot be applied: corrupt, another base model, or no key matched."""
+    """The file exists but cannot be applied: corrupt, another base model, or no key matched.
+    The message is cut to `MAX_MESSAGE_CHARS`: it names the file and the first reason, never
+    a converter's whole key list."""
 
     code = "lora_incompatible"
+    MAX_MESSAGE_CHARS = 500
+
+    def __init__(self, message: str):
+        if len(message) > self.MAX_MESSAGE_CHARS:
+            message = message[: self.MAX_MESSAGE_CHARS - 3] + "..."
+        super().__init__(message)
 
 
 class RemoteFetchFailed(LoraplexError):

@@ -123,6 +123,12 @@ def flux(pipe, fmt: str, seed: int):
     if fmt == "comfyui":
         mods = [Module(f"diffusion_model.{bfl}", parts) for bfl, parts in flux_bfl_modules(pipe)]
         return build(pipe, mods, "down_up", seed)
+    if fmt == "onetrainer":  # diffusers' module paths with underscores, MLPs included
+        paths = targets(pipe, "transformer", _FLUX_TARGETS + ("ff.net.0.proj", "ff.net.2"))
+        mods = [
+            Module("lora_transformer_" + p.replace(".", "_"), (f"transformer.{p}",)) for p in paths
+        ]
+        return build(pipe, mods, "down_up", seed)
     if fmt == "comfyui-peft":  # ComfyUI-style BFL names with peft's lora_A/lora_B, no alpha
         mods = [Module(f"diffusion_model.{bfl}", parts) for bfl, parts in flux_bfl_modules(pipe)]
         return build(pipe, mods, "A_B", seed, alpha=None)
@@ -258,7 +264,7 @@ BUILDERS = {
 }
 # family -> the formats its LoRAs come in, besides diffusers.
 FORMATS = {
-    "flux": ("kohya", "comfyui", "comfyui-peft", "ai-toolkit"),
+    "flux": ("kohya", "comfyui", "comfyui-peft", "ai-toolkit", "onetrainer"),
     "sdxl": ("kohya", "kohya-diffusers-names"),
     "wan": ("musubi", "comfyui"),
     "qwen_image": ("kohya", "comfyui", "ai-toolkit"),

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from serve.loras.catalog import INDEX_FILE, Catalog
+from serve.loras.catalog import INDEX_FILE, INDEX_FORMAT, Catalog
 from serve.loras.store import LoraStore
 from serve.loras.synthetic import write_lora
 
@@ -79,13 +79,17 @@ def test_a_changed_file_is_inspected_again_and_a_deleted_one_leaves_the_index(ro
     assert {entry["name"] for entry in index["entries"].values()} == set(names)
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"format": 99, "entries": {}}', "[1, 2]"])
+# Format 1 is an index from before entries carried `kind`: rebuilt, as any other format.
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", '{"format": 99, "entries": {}}', '{"format": 1, "entries": {}}', "[1, 2]"],
+)
 def test_an_unreadable_index_is_rebuilt(root, content):
     (root / ".loraplex").mkdir()
     (root / ".loraplex" / INDEX_FILE).write_text(content)
     store = CountedStore(str(root))
     assert len(Catalog(store).entries()) == 3 and store.reads == 3
-    assert json.loads((root / ".loraplex" / INDEX_FILE).read_text())["format"] == 1
+    assert json.loads((root / ".loraplex" / INDEX_FILE).read_text())["format"] == INDEX_FORMAT
 
 
 def test_a_root_that_cannot_take_the_index_still_lists(root, monkeypatch, caplog):

@@ -206,6 +206,7 @@ EXPECTED_FORMAT = {
     "comfyui": "comfyui",
     "comfyui-peft": "ai-toolkit",  # lora_A/lora_B under `diffusion_model.`: AI Toolkit's layout
     "ai-toolkit": "ai-toolkit",
+    "onetrainer": "onetrainer",
 }
 AI_TOOLKIT_METADATA = {"software": json.dumps({"name": "ai-toolkit", "version": "0.1.0"})}
 
@@ -249,25 +250,41 @@ def test_inspect_reads_alpha_and_trigger_words_from_kohya_and_modelspec_metadata
 # --- refusals: in-process ------------------------------------------------------------------------
 
 
-def test_a_converter_that_drops_keys_is_not_a_silent_partial_load(family_adapters):
+def test_a_text_encoder_part_the_model_does_not_load_is_refused_by_name(family_adapters):
     """diffusers' Flux converter keeps only `lora_unet_` / `lora_te1_` keys and drops the rest
-    without a word, e.g. kohya's T5 modules (`lora_te3_`): dropped modules count as unmatched,
-    so a file mostly of them is refused instead of loading a fraction of itself."""
+    without a word, e.g. kohya's T5 modules (`lora_te3_`): the file is refused naming its T5
+    part instead of loading a fraction of itself."""
     adapters = family_adapters("flux")
-    kohya, twin = lora_in_format(adapters.pipe, "flux", "kohya", seed=2)
+    kohya, _ = lora_in_format(adapters.pipe, "flux", "kohya", seed=2)
     for i in range(40):
         stem = f"lora_te3_encoder_block_{i}_layer_0_SelfAttention_q"
         kohya[f"{stem}.lora_down.weight"] = torch.zeros(RANK, 32)
         kohya[f"{stem}.lora_up.weight"] = torch.zeros(32, RANK)
         kohya[f"{stem}.alpha"] = torch.tensor(float(RANK))
     with pytest.raises(LoraIncompatible) as refused:
+        adapters.check(kohya, "t5")
+    assert refused.value.message == (
+        "Failed to load LoRA: t5: a kohya flux LoRA: it has a text-encoder part for "
+        "T5EncoderModel (text_encoder_2): 120 tensors under lora_te3_; flux LoRAs load into "
+        "transformer, text_encoder only"
+    )
+
+
+def test_a_converter_that_drops_keys_is_not_a_silent_partial_load(family_adapters):
+    """Keys a converter does not know are dropped with at most a log line: dropped modules
+    count as unmatched, and any unmatched matrix refuses the file."""
+    adapters = family_adapters("flux")
+    kohya, twin = lora_in_format(adapters.pipe, "flux", "kohya", seed=2)
+    stem = "lora_te4_encoder_block_0"  # no encoder of that number: Flux's converter drops it
+    kohya[f"{stem}.lora_down.weight"] = torch.zeros(RANK, 32)
+    kohya[f"{stem}.lora_up.weight"] = torch.zeros(32, RANK)
+    kohya[f"{stem}.alpha"] = torch.tensor(float(RANK))
+    with pytest.raises(LoraIncompatible) as refused:
         adapters.check(kohya, "dropping")
     message = refused.value.message
-    # Fused kohya modules split in conversion (one qkv, three layers), so the dropped count is a
-    # lower bound; the matched count is exact.
-    assert f"Failed to load LoRA: dropping: {len(twin)} of " in message
-    assert "LoRA matrices match the flux model (" in message
-    assert " dropped by the format conversion); unmatched e.g. lora_te3_encoder_block_" in message
+    assert message.startswith(f"Failed to load LoRA: dropping: a kohya flux LoRA: {len(twin)} of ")
+    assert "LoRA matrices match the flux model (2 dropped by the format conversion)" in message
+    assert message.endswith("unmatched e.g. lora_te4_encoder_block_0.lora_down.weight")
 
 
 # --- refusals over HTTP ---------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from serve.loras.store import LoraRef, LoraStore
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "catalog.json"
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: entries carry the adapter `kind`
 
 
 class Catalog:
@@ -98,5 +98,5 @@ def inspect_file(data: bytes, ref: LoraRef) -> dict:
     try:
         tensors, metadata = parse_lora_file(data, ref.name)
     except LoraIncompatible as e:
-        return {**entry, "format": None, "family": None, "error": e.message}
+        return {**entry, "format": None, "kind": None, "family": None, "error": e.message}
     return {**entry, **inspect_lora(tensors, metadata).model_dump(), "error": None}

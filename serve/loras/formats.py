@@ -11,21 +11,22 @@ import json
 import math
 import re
 from collections import Counter
-from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from deployments.family import detect_lora_family, get_family
+from deployments.lora_anatomy import (
+    DOWN_SUFFIXES,
+    AdapterKind,
+    LoraFormat,
+    adapter_kind,
+    detect_format,
+)
 from serve.errors import LoraIncompatible
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # as diffusers' lora_base names it
 
-LoraFormat = Literal["diffusers", "kohya", "ai-toolkit", "musubi", "comfyui", "unknown"]
-
-# kohya sd-scripts / musubi-tuner name the module with underscores and keep alpha beside it.
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-_DOWN_KEYS = (".lora_A.weight", ".lora_down.weight", ".lora.down.weight", "_lora.down.weight")
 _TRIGGER_METADATA_KEYS = (
     "trigger_word",
     "trigger_words",
@@ -39,7 +40,8 @@ class LoraFacts(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: LoraFormat
+    format: LoraFormat = Field(description="The naming convention of the trainer that wrote it.")
+    kind: AdapterKind = Field(description="LoRA, DoRA, LoKr, LoHa or Control.")
     family: str | None = Field(description="The family the keys are for; None when unknown.")
     rank: int | None = Field(description="The most common rank over the file's matrices.")
     alpha: float | None = Field(description="The most common alpha; None means alpha = rank.")
@@ -48,34 +50,12 @@ class LoraFacts(BaseModel):
     tensor_count: int
 
 
-def detect_format(keys: list[str], metadata: dict[str, str] | None = None) -> LoraFormat:
-    """The convention the key names follow (and, for AI Toolkit's Flux files, which use
-    diffusers' own names, the `software` its metadata names)."""
-    if any(key.startswith("lora_unet_blocks_") for key in keys):
-        return "musubi"  # musubi-tuner's Wan/HunyuanVideo files: kohya naming over DiT blocks
-    if any(key.startswith(_KOHYA_PREFIXES) for key in keys):
-        return "kohya"
-    if any(key.startswith("diffusion_model.") for key in keys):
-        # AI Toolkit writes peft's lora_A/lora_B under ComfyUI's prefix; ComfyUI's own saver
-        # and the trainers that follow it write lora_down/lora_up.
-        if any(".lora_A." in key or ".lora_B." in key for key in keys):
-            return "ai-toolkit"
-        return "comfyui"
-    if "ai-toolkit" in (metadata or {}).get("software", ""):
-        return "ai-toolkit"
-    if any(".lora_A." in key or ".lora_B." in key for key in keys):
-        return "diffusers"
-    if any(".lora_down." in key or ".lora.down." in key or "_lora.down." in key for key in keys):
-        return "diffusers"  # diffusers' older attention-processor layouts
-    return "unknown"
-
-
 def inspect_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraFacts:
     keys = list(tensors)
     ranks = Counter(
         int(tensor.shape[0])
         for key, tensor in tensors.items()
-        if key.endswith(_DOWN_KEYS) and tensor.ndim >= 2
+        if key.endswith(DOWN_SUFFIXES) and tensor.ndim >= 2
     )
     alphas = Counter(
         round(float(tensor.reshape(-1)[0]), 4)
@@ -86,6 +66,7 @@ def inspect_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
     family = metadata.get("loraplex.family") or detect_lora_family(keys)
     return LoraFacts(
         format=detect_format(keys, metadata),
+        kind=adapter_kind(tensors),
         family=family,
         rank=ranks.most_common(1)[0][0] if ranks else None,
         alpha=alpha,
