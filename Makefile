@@ -7,7 +7,7 @@ CONFIG ?= cluster/local.yaml
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install serve test lint clean bench loadtest
+.PHONY: install serve test test-fast lint clean bench loadtest
 
 install: $(STAMP)
 
@@ -22,6 +22,11 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# The inner loop: everything but the tests marked slow (training runs, load tests, routing
+# clusters of their own).
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
 # The benchmark's ratios (loadtest/bench.py) into loadtest/reports/bench.{json,md}.
 BENCH_ARGS ?=

@@ -29,6 +29,9 @@ from serve.adapter_router import (
 )
 from serve.registry import PlacementClaims
 
+# Trains, or starts services of its own: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 ADAPTERS = 4
 TWO_INGRESS_ADAPTERS = 8
 BURST = 4  # concurrent requests per adapter

@@ -16,6 +16,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pytest
+
+# Trains, or starts services of its own: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 TIMEOUT_S = 240

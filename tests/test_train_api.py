@@ -13,6 +13,9 @@ import time
 import pytest
 from PIL import Image
 
+# Trains, or starts services of its own: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 JOB_TIMEOUT_S = 300
 IMAGE_PX = 64
 

@@ -20,6 +20,9 @@ from serve.loras.formats import apply_metadata_alpha
 from serve.loras.store import LoraStore
 from tests.train_jobs import tiny_job, write_dataset
 
+# Trains, or starts services of its own: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 def render(pipe, family: str, adapter: str | None = None, tensors=None, metadata=None):
     """The tiny pipeline's output for a fixed prompt (Wan: a one-frame video), as floats, with

@@ -12,6 +12,9 @@ from deployments import load_pipeline
 from tests.test_train_flux import load_published, render
 from tests.train_jobs import tiny_job, write_dataset
 
+# Trains, or starts services of its own: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
+
 
 # Wan's tiny transformer sees 2x2 tokens per 64-pixel image, so it takes more steps to fit.
 @pytest.mark.parametrize(("family", "steps"), [("qwen_image", 30), ("wan", 60)])

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from cluster.train.run import run
 from deployments import load_pipeline
 from tests.test_train_flux import load_published, render
 from tests.train_jobs import tiny_job, write_dataset
+
+# Trains, or starts services of its own: left out of `make test-fast`.
+pytestmark = pytest.mark.slow
 
 
 def test_sdxl_job_trains_and_publishes(ray_cluster, tmp_path):
