@@ -40,12 +40,12 @@ from deployments import byte_layouts, lycoris
 from deployments.base_guard import BaseGuard
 from deployments.blocks import BlockLayout, BlockScales
 from deployments.byte_layouts import ByteLayout
+from deployments.errors import LoraIncompatible
 from deployments.family import Family
 from deployments.lora_anatomy import FileAnatomy
 from deployments.lora_check import MAX_KEY_EXAMPLES, LoraChecker
-from serve.errors import LoraIncompatible
-from serve.loras.files import parse_lora_file, read_header
-from serve.loras.formats import adapter_configs, apply_metadata_alpha
+from deployments.loras.files import parse_lora_file, read_header
+from deployments.loras.formats import adapter_configs, apply_metadata_alpha
 
 MAX_BYTE_LAYOUTS = 256  # file layouts remembered per pipeline (`prepare`), least recent dropped
 # Headers up to this size are also remembered whole, as the fastest key; longer ones (kohya's

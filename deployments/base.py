@@ -29,18 +29,18 @@ from deployments.adapters import (
     adapter_name_for,
 )
 from deployments.batching import GroupRenders, batch_key, batched_pipeline_kwargs
+from deployments.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
+from deployments.errors import InvalidRequest, LoraIncompatible
 from deployments.family import get_family
 from deployments.loading import load_pipeline
+from deployments.loras.merge import adapter_factors, concatenate, merged_file
+from deployments.loras.remote import RemoteLoraCache
+from deployments.loras.root_cache import RootCache
+from deployments.loras.store import LoraRef, LoraStore
+from deployments.media import encode_image, encode_video, image_size
+from deployments.replica_reports import RegistryReports
+from deployments.schemas import AdapterUse, GenerationJob, GenerationResult
 from deployments.shared_reads import SharedReads
-from serve.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
-from serve.errors import InvalidRequest, LoraIncompatible
-from serve.loras.merge import adapter_factors, concatenate, merged_file
-from serve.loras.remote import RemoteLoraCache
-from serve.loras.root_cache import RootCache
-from serve.loras.store import LoraRef, LoraStore
-from serve.media import encode_image, encode_video, image_size
-from serve.registry import registry_for
-from serve.schemas import AdapterUse, GenerationJob, GenerationResult
 
 _SECONDS_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300]
 
@@ -98,11 +98,7 @@ class DiffusionDeployment:
 
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
-        self._registry = registry_for(context.app_name)
-        # Reports come from the event loop and from Serve's health-check thread: numbered under
-        # a lock, so the registry keeps the newest whichever order they arrive in.
-        self._report_lock = threading.Lock()
-        self._reports_made = 0
+        self._reports = RegistryReports(context.app_name)
         self._gpu_share = _gpu_share()
 
         async def load_adapter(key: str) -> HotAdapter:
@@ -322,8 +318,8 @@ class DiffusionDeployment:
 
     async def merge_loras(self, inputs: list[tuple[str, float]], trigger_words: list[str]) -> bytes:
         """One `.safetensors` file that applies the stack of `inputs` (store key, ratio) at
-        strength 1 (serve/loras/merge.py). Inputs that are not hot are loaded for the merge and
-        deleted after, under the lock, so no generation sees them."""
+        strength 1 (deployments/loras/merge.py). Inputs that are not hot are loaded for the
+        merge and deleted after, under the lock, so no generation sees them."""
         uses = [
             AdapterUse(key=key, name=key.rpartition("@")[0], strength=ratio, clip_strength=ratio)
             for key, ratio in inputs
@@ -404,9 +400,9 @@ class DiffusionDeployment:
         executor = getattr(self, "_torch", None)
         if executor is not None:
             executor.shutdown(wait=False)
-        registry = getattr(self, "_registry", None)
-        if registry is not None:
-            registry.remove.remote(self.replica_id)
+        reports = getattr(self, "_reports", None)
+        if reports is not None:
+            reports.remove(self.replica_id)
 
     def _resolve_job(self, job: GenerationJob) -> GenerationJob:
         """The job with sizes filled from an input image and checked against the model."""
@@ -546,9 +542,7 @@ class DiffusionDeployment:
         return encode_image(media, self.family.media_type)
 
     def _report(self) -> None:
-        with self._report_lock:
-            self._reports_made += 1
-            self._registry.report.remote(self.describe(), self._reports_made)
+        self._reports.report(self.describe())
 
 
 def _block_field(index: int) -> str:

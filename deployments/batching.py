@@ -12,7 +12,7 @@ import json
 import threading
 from typing import Any
 
-from serve.schemas import GenerationJob
+from deployments.schemas import GenerationJob
 
 # Pipeline arguments that diffusers pipelines take per image, as a list with one entry per
 # prompt. Every other argument is one value for the whole call.

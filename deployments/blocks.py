@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from serve.errors import InvalidRequest
+from deployments.errors import InvalidRequest
 
 Block = tuple[str, ...]
 """The module-name prefixes (relative to the denoiser) that one block covers."""

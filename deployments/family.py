@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator
 
 from deployments.blocks import BlockGroups
-from serve.schemas import GenerationDefaults, GenerationJob, GenerationRequest
+from deployments.schemas import GenerationDefaults, GenerationJob, GenerationRequest
 
 # Family name -> module that defines `FAMILY`. Imported on first use, so reading a config does
 # not build or import a model it does not serve.

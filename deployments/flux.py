@@ -19,6 +19,7 @@ from diffusers.models.normalization import (
 from deployments.blocks import numbered_blocks
 from deployments.family import Family, TrainingSpec
 from deployments.lora_keys import comfyui_to_kohya
+from deployments.schemas import GenerationDefaults, GenerationJob
 from deployments.tiny import (
     tiny_clip_text_model,
     tiny_clip_tokenizer,
@@ -27,7 +28,6 @@ from deployments.tiny import (
     tiny_t5_tokenizer,
 )
 from deployments.training import vae_encode
-from serve.schemas import GenerationDefaults, GenerationJob
 
 _TINY_SEED = 0
 _TINY_TEXT_DIM = 32

@@ -10,8 +10,8 @@ from pathlib import Path
 import fsspec
 import torch
 
+from deployments.errors import ModelLoadError
 from deployments.family import get_family
-from serve.errors import ModelLoadError
 
 TINY_SCHEME = "tiny://"
 LOCAL_PROTOCOLS = ("file", "local")

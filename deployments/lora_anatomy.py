@@ -1,7 +1,7 @@
 """What a LoRA file holds, told from its key names and shapes alone: the tensors by kind, the
 adapter kind (LoRA, DoRA, LoKr, LoHa, Control) and the naming convention (format) of its trainer.
 
-The check (`lora_check.py`) and `GET /loras` (`serve/loras/formats.py`) both read this, so a
+The check (`lora_check.py`) and `GET /loras` (`deployments/loras/formats.py`) both read this, so a
 file is described the same way in a refusal and in a listing.
 """
 

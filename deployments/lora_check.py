@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deployments import key_probe, lycoris
+from deployments.errors import LoraIncompatible
 from deployments.family import Family, detect_lora_family
 from deployments.lora_anatomy import (
     DOWN_SUFFIXES,
@@ -26,7 +27,6 @@ from deployments.lora_anatomy import (
     text_encoder_prefix,
 )
 from deployments.lora_convert import LoraConverter
-from serve.errors import LoraIncompatible
 
 MAX_KEY_EXAMPLES = 3
 MAX_CONVERTER_MESSAGE_CHARS = 160

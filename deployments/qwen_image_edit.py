@@ -18,6 +18,7 @@ from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
 
 from deployments.blocks import numbered_blocks
 from deployments.family import Family
+from deployments.media import open_image
 from deployments.qwen_image import (
     QWEN_IMAGE_LORA_MARKERS,
     TINY_VISION_MERGE,
@@ -30,9 +31,8 @@ from deployments.qwen_image import (
     tiny_qwen_image_vae,
     true_cfg_kwargs,
 )
+from deployments.schemas import EditRequest, GenerationDefaults, GenerationJob
 from deployments.tiny import tiny_qwen2_tokenizer
-from serve.media import open_image
-from serve.schemas import EditRequest, GenerationDefaults, GenerationJob
 
 # The vision tower sees the input image at no more than 8x8 merged tokens (the real processor
 # keeps the pipeline's 384x384): enough for the prompt to depend on the image.

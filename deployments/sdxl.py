@@ -15,12 +15,12 @@ from diffusers import (
 
 from deployments.blocks import Block, BlockGroups
 from deployments.family import Family, TrainingSpec
+from deployments.schemas import GenerationDefaults, GenerationJob
 from deployments.tiny import (
     tiny_clip_text_model,
     tiny_clip_tokenizer,
 )
 from deployments.training import vae_encode
-from serve.schemas import GenerationDefaults, GenerationJob
 
 _TINY_SEED = 0
 _TINY_TEXT_DIM = 32

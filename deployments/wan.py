@@ -17,11 +17,11 @@ from diffusers import (
 )
 
 from deployments.blocks import numbered_blocks
+from deployments.errors import InvalidRequest
 from deployments.family import Family, TrainingSpec
+from deployments.schemas import GenerationDefaults, GenerationJob, VideoRequest
 from deployments.tiny import tiny_t5_encoder, tiny_t5_tokenizer
 from deployments.training import frame_vae_encode
-from serve.errors import InvalidRequest
-from serve.schemas import GenerationDefaults, GenerationJob, VideoRequest
 
 VAE_TEMPORAL_FACTOR = 4
 # The transformer's attention projections: self-attention over the video tokens (attn1) and

@@ -15,9 +15,9 @@ from transformers import Qwen2Tokenizer, Qwen3Config, Qwen3Model
 from deployments.blocks import numbered_blocks
 from deployments.family import Family, TrainingSpec
 from deployments.lora_keys import comfyui_to_kohya
+from deployments.schemas import GenerationDefaults, GenerationJob
 from deployments.tiny import QWEN_VOCAB_SIZE, tiny_latent_vae, tiny_qwen2_tokenizer
 from deployments.training import vae_encode
-from serve.schemas import GenerationDefaults, GenerationJob
 
 _TINY_SEED = 0
 _TINY_TEXT_DIM = 32

@@ -87,9 +87,9 @@ def main() -> None:
 def time_operations(args: argparse.Namespace, root: Path) -> None:
     from deployments.adapters import ActiveAdapter, PipelineAdapters
     from deployments.family import get_family
-    from serve.loras.files import parse_lora_file
-    from serve.loras.store import LoraStore
-    from serve.loras.synthetic import lora_tensors, write_lora
+    from deployments.loras.files import parse_lora_file
+    from deployments.loras.store import LoraStore
+    from deployments.loras.synthetic import lora_tensors, write_lora
 
     family = get_family("flux")
     pipe = build_pipeline(args.size)

@@ -176,8 +176,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         torch.set_num_threads(args.threads)  # replicas get as many (deploy: num_cpus)
 
     from deployments.family import get_family
+    from deployments.loras.synthetic import lora_tensors, write_lora
     from loadtest.adapter_timing import build_pipeline
-    from serve.loras.synthetic import lora_tensors, write_lora
 
     started = time.perf_counter()
     pipe = build_pipeline("tiny" if args.quick else "bench", None if args.quick else BENCH_DEPTH)
@@ -217,7 +217,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
 
 
 def job_kwargs(family, args, seed: int) -> dict:
-    from serve.schemas import GenerationJob
+    from deployments.schemas import GenerationJob
 
     job = GenerationJob(
         prompt=PROMPT,
@@ -340,8 +340,8 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
     from ray import serve
     from safetensors.torch import load_file
 
+    from deployments.media import encode_image
     from loadtest import service
-    from serve.media import encode_image
 
     body = {"prompt": PROMPT, "width": args.size, "height": args.size, "steps": args.steps}
     body["cfg"] = 3.5

@@ -114,9 +114,9 @@ def run(args: argparse.Namespace, lora_root: Path) -> dict:
     import torch
 
     from deployments.family import get_family
+    from deployments.loras.synthetic import lora_tensors, write_lora
     from loadtest.bench import ATTENTION_MLP_TARGETS, zipf_choices
     from loadtest.in_process import Rounds, measure_adapters, measure_zipf_workload
-    from serve.loras.synthetic import lora_tensors, write_lora
 
     diffusers.utils.logging.set_verbosity_error()
     on_gpu = args.device.startswith("cuda")

@@ -32,9 +32,9 @@ def main(argv=None) -> None:
     import torch
 
     from deployments.family import get_family
+    from deployments.media import encode_image
     from loadtest import bench, service
     from loadtest.adapter_timing import build_pipeline
-    from serve.media import encode_image
 
     diffusers.utils.logging.set_verbosity_error()
     args = bench.parse_args(["--steps", str(options.steps)])

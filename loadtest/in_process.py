@@ -44,7 +44,7 @@ def measure_adapters(
     whatever adapters are active; `memory_mb` reads the memory the swaps must not grow; `sync`
     waits for queued device work, so a timer sees it. Leaves the pipeline without adapters."""
     from deployments.adapters import ActiveAdapter, PipelineAdapters
-    from serve.loras.store import LoraStore
+    from deployments.loras.store import LoraStore
 
     adapters = PipelineAdapters(pipe, family, fuse_single=rounds.fuse, max_adapters=rounds.slots)
     store = LoraStore(str(lora_root))
@@ -221,7 +221,7 @@ def measure_zipf_workload(
     from safetensors.torch import load_file
 
     from deployments.adapters import ActiveAdapter, PipelineAdapters
-    from serve.loras.store import LoraStore
+    from deployments.loras.store import LoraStore
 
     store = LoraStore(str(lora_root))  # the replica reads its files through the store
 

@@ -31,7 +31,7 @@ def write_adapters(lora_root: Path, family: str, count: int) -> list[str]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from deployments import load_pipeline
     from deployments.family import get_family
-    from serve.loras.synthetic import lora_tensors, write_lora
+    from deployments.loras.synthetic import lora_tensors, write_lora
 
     spec = get_family(family)
     denoiser = getattr(load_pipeline(family, f"tiny://{family}"), spec.denoiser_component)

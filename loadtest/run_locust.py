@@ -57,9 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def write_adapters(models: list[dict], lora_root: Path, count: int) -> int:
     """`count` random LoRAs per model family, named as the locustfile expects."""
     from deployments import load_pipeline
+    from deployments.config import ModelConfig
     from deployments.family import get_family
-    from serve.config import ModelConfig
-    from serve.loras.synthetic import lora_tensors, write_lora
+    from deployments.loras.synthetic import lora_tensors, write_lora
 
     written = 0
     for model in map(ModelConfig.model_validate, models):

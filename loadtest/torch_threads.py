@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 def build(adapter_count: int = 3):
     from deployments.adapters import PipelineAdapters
     from deployments.family import get_family
+    from deployments.loras.synthetic import lora_tensors
     from loadtest.adapter_timing import build_pipeline
     from loadtest.bench import ATTENTION_MLP_TARGETS, BENCH_DEPTH
-    from serve.loras.synthetic import lora_tensors
 
     pipe = build_pipeline("bench", BENCH_DEPTH)
     pipe.set_progress_bar_config(disable=True)

@@ -9,8 +9,9 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from deployments.base import DiffusionDeployment
+from deployments.config import ModelConfig
 from serve.adapter_router import ROUTER_RAY_VERSIONS, AdapterAffinityRouter, router_supported
-from serve.config import AppConfig, ModelConfig
+from serve.config import AppConfig
 from serve.ingress import Ingress
 
 

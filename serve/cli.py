@@ -12,7 +12,7 @@ def demo_lora(args: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from deployments import load_pipeline
     from deployments.family import get_family
-    from serve.loras.synthetic import lora_tensors, write_lora
+    from deployments.loras.synthetic import lora_tensors, write_lora
 
     family = get_family(args.family)
     pipe = load_pipeline(args.family, f"tiny://{args.family}")
@@ -41,7 +41,7 @@ def train(args: argparse.Namespace) -> None:
     from pydantic import ValidationError
 
     from cluster.train.config import JOB_FILE, TrainJob
-    from serve.errors import LoraplexError
+    from deployments.errors import LoraplexError
     from serve.training import (
         TERMINAL_STATES,
         job_metadata,

@@ -19,9 +19,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from cluster.train.config import TrainJob
 from deployments.blocks import check_group_names
-from deployments.family import FAMILY_NAMES, Family, get_family
-from serve.config import AppConfig, ModelConfig
-from serve.errors import (
+from deployments.config import ModelConfig
+from deployments.errors import (
     Conflict,
     InvalidRequest,
     LoraIncompatible,
@@ -33,17 +32,13 @@ from serve.errors import (
     TooLarge,
     Unauthorized,
 )
-from serve.loras.catalog import Catalog
-from serve.loras.files import parse_lora_file
-from serve.loras.formats import inspect_lora, trigger_words
-from serve.loras.merge_request import MergeRequest
-from serve.loras.remote import check_url
-from serve.loras.store import LORA_SUFFIX, LoraRef, LoraStore
-from serve.loras.uploads import Uploads, UploadStart, checked_target, with_metadata
-from serve.media import decode_input_image
-from serve.prompt_tags import LoraTag, extract_lora_tags, prompt_with_triggers
-from serve.registry import registry_for
-from serve.schemas import (
+from deployments.family import FAMILY_NAMES, Family, get_family
+from deployments.loras.files import parse_lora_file
+from deployments.loras.formats import inspect_lora, trigger_words
+from deployments.loras.remote import check_url
+from deployments.loras.store import LORA_SUFFIX, LoraRef, LoraStore
+from deployments.media import decode_input_image
+from deployments.schemas import (
     AUTO_TRIGGER,
     MAX_LORAS_PER_REQUEST,
     AdapterUse,
@@ -52,6 +47,12 @@ from serve.schemas import (
     GenerationRequest,
     LoraSpec,
 )
+from serve.config import AppConfig
+from serve.loras.catalog import Catalog
+from serve.loras.merge_request import MergeRequest
+from serve.loras.uploads import Uploads, UploadStart, checked_target, with_metadata
+from serve.prompt_tags import LoraTag, extract_lora_tags, prompt_with_triggers
+from serve.registry import registry_for
 from serve.serve_settings import check_serve_settings
 from serve.training import (
     MAX_DATASET_IMAGES,

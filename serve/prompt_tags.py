@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from serve.errors import InvalidRequest
-from serve.loras.store import LORA_SUFFIX
+from deployments.errors import InvalidRequest
+from deployments.loras.store import LORA_SUFFIX
 
 MIN_STRENGTH = 0.0
 MAX_STRENGTH = 2.0

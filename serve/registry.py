@@ -2,8 +2,9 @@
 the adapter routers of the ingress replicas agree on where a new adapter goes.
 
 Ray Serve routes on each replica's multiplexed model ids but exposes no public API to read them,
-so each replica reports its own state here: on every cache change, and from `check_health`,
-which Serve calls periodically and so doubles as a heartbeat. Silent replicas age out.
+so each replica reports its own state here (deployments/replica_reports.py, which finds this
+actor by name): on every cache change, and from `check_health`, which Serve calls periodically
+and so doubles as a heartbeat. Silent replicas age out. The ingress creates the actor.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from collections import OrderedDict
 
 import ray
 
-NAMESPACE = "loraplex"
+from deployments.replica_reports import NAMESPACE, registry_name
+
 STALE_AFTER_S = 60.0
 # A claim only has to outlive one first load and its report to every router (as the routers'
 # own placements, serve/adapter_router.py).
@@ -115,7 +117,7 @@ class ReplicaRegistry:
 def registry_for(app_name: str):
     """The app's registry actor, created by whichever process asks first."""
     return ReplicaRegistry.options(
-        name=f"replicas-{app_name}",
+        name=registry_name(app_name),
         namespace=NAMESPACE,
         get_if_exists=True,
         lifetime="detached",

@@ -16,7 +16,7 @@ off (the ray version is pinned in pyproject.toml; ROUTER_RAY_VERSIONS tracks it)
 
 from __future__ import annotations
 
-from serve.errors import UnsupportedServeSetting
+from deployments.errors import UnsupportedServeSetting
 
 
 def grpc_data_plane_on() -> bool:

@@ -36,10 +36,10 @@ from cluster.train.config import (
     RunStatus,
     TrainJob,
 )
+from deployments.errors import InvalidRequest, JobServerUnavailable, LoraplexError, NotFound
+from deployments.loras.remote import check_url
+from deployments.storage import shared_root
 from serve.config import AppConfig
-from serve.errors import InvalidRequest, JobServerUnavailable, LoraplexError, NotFound
-from serve.loras.remote import check_url
-from serve.storage import shared_root
 
 MAX_DATASET_IMAGES = 10_000
 MAX_NAME_CHARS = 256

@@ -100,7 +100,7 @@ def tiny_flux(tiny_pipelines):
 
 def _family_lora(tiny_pipelines, family: str, seed: int) -> dict:
     from deployments.family import get_family
-    from serve.loras.synthetic import lora_tensors
+    from deployments.loras.synthetic import lora_tensors
 
     spec = get_family(family)
     denoiser = getattr(tiny_pipelines(family), spec.denoiser_component)
@@ -117,7 +117,7 @@ def lora_root(tmp_path_factory, tiny_pipelines):
     import torch
 
     from deployments.family import FAMILY_NAMES
-    from serve.loras.synthetic import lora_tensors, write_lora
+    from deployments.loras.synthetic import lora_tensors, write_lora
 
     root = tmp_path_factory.mktemp("loras")
     transformer = tiny_pipelines("flux").transformer

@@ -11,10 +11,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from deployments.adapters import PipelineAdapters  # noqa: E402
+from deployments.errors import LoraIncompatible  # noqa: E402
 from deployments.family import get_family  # noqa: E402
 from deployments.lora_anatomy import FileAnatomy  # noqa: E402
-from serve.errors import LoraIncompatible  # noqa: E402
-from serve.loras.formats import apply_metadata_alpha  # noqa: E402
+from deployments.loras.formats import apply_metadata_alpha  # noqa: E402
 from tests.real_models import meta_pipeline  # noqa: E402
 from tests.trainer_layouts import LAYOUTS  # noqa: E402
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from deployments.adapters import ActiveAdapter, PipelineAdapters
+from deployments.errors import LoraIncompatible
 from deployments.family import get_family
-from serve.errors import LoraIncompatible
-from serve.loras.files import parse_lora_file
+from deployments.loras.files import parse_lora_file
 from tests.lora_files import lora_tensors, write_lora
 from tests.test_adapters import image, kohya_flux, on, with_adapters
 

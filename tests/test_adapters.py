@@ -10,9 +10,9 @@ import torch
 
 from deployments import load_pipeline
 from deployments.adapters import ActiveAdapter, PipelineAdapters
+from deployments.errors import LoraIncompatible
 from deployments.family import get_family
-from serve.errors import LoraIncompatible
-from serve.loras.files import parse_lora_file
+from deployments.loras.files import parse_lora_file
 from tests.lora_files import lora_tensors, write_lora
 
 PROMPT = "a red fox in the snow"

@@ -230,7 +230,7 @@ def test_a_group_is_interrupted_only_once_all_its_requests_went():
 
 
 def job(**fields):
-    from serve.schemas import AdapterUse, GenerationJob
+    from deployments.schemas import AdapterUse, GenerationJob
 
     use = AdapterUse(key="a@1", name="a", strength=1.0, clip_strength=1.0)
     values = {
@@ -248,7 +248,7 @@ def job(**fields):
 
 def test_the_batch_key_ignores_prompt_and_seed_only():
     from deployments.batching import batch_key
-    from serve.schemas import AdapterUse
+    from deployments.schemas import AdapterUse
 
     key = batch_key(job())
     assert batch_key(job(prompt="a whale", seed=99)) == key
@@ -312,7 +312,7 @@ def test_every_family_renders_a_batch_within_a_step_of_its_unbatched_images(
 def test_batch_settings_are_bounded(field, value):
     from pydantic import ValidationError
 
-    from serve.config import ModelConfig
+    from deployments.config import ModelConfig
 
     assert ModelConfig(name="flux", family="flux").max_batch_size == 1  # off by default
     with pytest.raises(ValidationError, match=field):

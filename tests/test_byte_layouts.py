@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from deployments.adapters import PipelineAdapters
+from deployments.errors import LoraIncompatible
 from deployments.family import get_family
-from serve.errors import LoraIncompatible
-from serve.loras.formats import LORA_ADAPTER_METADATA_KEY
+from deployments.loras.formats import LORA_ADAPTER_METADATA_KEY
 from tests.lora_files import lora_tensors, write_lora
 from tests.test_adapter_slots import (
     CLIP_TARGETS,

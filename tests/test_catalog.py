@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
+from deployments.loras.store import LoraStore
+from deployments.loras.synthetic import write_lora
 from serve.loras.catalog import INDEX_FILE, INDEX_FORMAT, Catalog
-from serve.loras.store import LoraStore
-from serve.loras.synthetic import write_lora
 
 
 def lora(seed: int) -> dict[str, torch.Tensor]:

@@ -1,6 +1,6 @@
-"""The node-local disk cache both LoRA caches use (serve/loras/disk_cache.py): its lock files go
-with the files they guard. What it caches is tested through its users: test_root_cache.py and
-test_remote_loras.py."""
+"""The node-local disk cache both LoRA caches use (deployments/loras/disk_cache.py): its lock
+files go with the files they guard. What it caches is tested through its users:
+test_root_cache.py and test_remote_loras.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import pytest
 from filelock import FileLock
 
-from serve.loras.disk_cache import DiskCache
+from deployments.loras.disk_cache import DiskCache
 
 FILE_BYTES = 1000
 

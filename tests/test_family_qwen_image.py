@@ -10,8 +10,8 @@ from diffusers import QwenImagePipeline
 from deployments import load_pipeline
 from deployments.adapters import ActiveAdapter, PipelineAdapters
 from deployments.qwen_image import FAMILY, LORA_TARGETS, qwen_special_id
+from deployments.schemas import GenerationJob, GenerationRequest
 from deployments.tiny import QWEN_SPECIALS
-from serve.schemas import GenerationJob, GenerationRequest
 from tests.lora_files import lora_tensors
 
 PROMPT = "a red fox in the snow"

@@ -13,11 +13,11 @@ from PIL import Image
 
 from deployments import load_pipeline
 from deployments.adapters import ActiveAdapter, PipelineAdapters
+from deployments.media import image_size
 from deployments.qwen_image import FAMILY as QWEN_IMAGE
 from deployments.qwen_image import LORA_TARGETS
 from deployments.qwen_image_edit import FAMILY
-from serve.media import image_size
-from serve.schemas import EditRequest, GenerationJob
+from deployments.schemas import EditRequest, GenerationJob
 from tests.lora_files import lora_tensors
 
 PROMPT = "make the sky red"

@@ -17,8 +17,8 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 from deployments import load_pipeline
 from deployments.adapters import ActiveAdapter, PipelineAdapters
 from deployments.family import get_family
+from deployments.schemas import GenerationJob
 from deployments.sdxl import FAMILY, build_tiny_sdxl
-from serve.schemas import GenerationJob
 from tests.lora_files import lora_tensors
 from tests.lora_formats import sgm_block
 

@@ -13,11 +13,11 @@ from PIL import Image
 
 from deployments import load_pipeline
 from deployments.adapters import ActiveAdapter, PipelineAdapters
+from deployments.errors import InvalidRequest
+from deployments.loras.files import parse_lora_file
+from deployments.media import encode_video
+from deployments.schemas import GenerationJob, VideoRequest
 from deployments.wan import FAMILY, LORA_TARGETS, check_job, pipeline_kwargs
-from serve.errors import InvalidRequest
-from serve.loras.files import parse_lora_file
-from serve.media import encode_video
-from serve.schemas import GenerationJob, VideoRequest
 from tests.lora_files import lora_tensors, write_lora
 from tests.lora_formats import WAN_ORIGINAL_NAMES as ORIGINAL_NAMES
 

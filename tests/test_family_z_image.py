@@ -17,10 +17,10 @@ from diffusers import (
 
 from deployments import load_pipeline
 from deployments.adapters import ActiveAdapter, PipelineAdapters
+from deployments.loras.synthetic import lora_tensors
+from deployments.media import encode_image
+from deployments.schemas import GenerationJob
 from deployments.z_image import ATTENTION_TARGETS, FAMILY
-from serve.loras.synthetic import lora_tensors
-from serve.media import encode_image
-from serve.schemas import GenerationJob
 
 PROMPT = "a red fox in the snow"
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 2, "guidance_scale": 4.5}

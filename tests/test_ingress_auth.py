@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from starlette.requests import Request
 
-from serve.errors import Unauthorized
+from deployments.errors import Unauthorized
 from serve.ingress import _check_api_key
 
 

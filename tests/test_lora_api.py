@@ -21,7 +21,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from deployments.family import get_family
-from serve.loras.synthetic import lora_tensors, write_lora
+from deployments.loras.synthetic import lora_tensors, write_lora
 
 SMALL = {"width": 128, "height": 128, "steps": 2}
 

@@ -15,13 +15,13 @@ from diffusers import FluxPipeline
 from PIL import Image
 
 from deployments.adapters import ActiveAdapter, PipelineAdapters
+from deployments.errors import LoraIncompatible
 from deployments.family import get_family
-from serve.errors import LoraIncompatible
-from serve.loras.files import parse_lora_file
-from serve.loras.formats import apply_metadata_alpha, inspect_lora
-from serve.loras.synthetic import write_lora
-from serve.media import encode_image
-from serve.schemas import GenerationJob
+from deployments.loras.files import parse_lora_file
+from deployments.loras.formats import apply_metadata_alpha, inspect_lora
+from deployments.loras.synthetic import write_lora
+from deployments.media import encode_image
+from deployments.schemas import GenerationJob
 from tests.lora_formats import ALPHA, FORMATS, RANK, lora_in_format
 
 # A format's file and its diffusers twin differ only in where alpha / rank is multiplied in (and

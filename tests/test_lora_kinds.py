@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from deployments.adapters import ActiveAdapter, PipelineAdapters
+from deployments.errors import LoraIncompatible
 from deployments.family import detect_lora_family, get_family
-from serve.errors import LoraIncompatible
-from serve.loras.formats import inspect_lora
-from serve.loras.synthetic import write_lora
+from deployments.loras.formats import inspect_lora
+from deployments.loras.synthetic import write_lora
 from tests.lora_formats import RANK, _linear, flux_bfl_modules, kohya_name, lora_in_format
 from tests.test_lora_formats import render
 

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from serve.errors import Conflict, InvalidRequest, LoraNotFound, NotFound, TooLarge
-from serve.loras.files import parse_lora_file
-from serve.loras.store import LoraStore
+from deployments.errors import Conflict, InvalidRequest, LoraNotFound, NotFound, TooLarge
+from deployments.loras.files import parse_lora_file
+from deployments.loras.store import LoraStore
 from serve.loras.uploads import Uploads, UploadStart, state_json, with_metadata
 
 DATA = save_safetensors({"x.lora_A.weight": torch.arange(12.0).reshape(3, 4)})

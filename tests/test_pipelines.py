@@ -12,7 +12,7 @@ from diffusers import FluxPipeline
 
 import deployments.loading
 from deployments import load_pipeline
-from serve.errors import ModelLoadError
+from deployments.errors import ModelLoadError
 
 PROMPT = "a red fox in the snow"
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 2}

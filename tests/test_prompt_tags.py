@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from serve.errors import InvalidRequest
-from serve.loras.formats import trigger_words
-from serve.loras.store import LoraStore
+from deployments.errors import InvalidRequest
+from deployments.loras.formats import trigger_words
+from deployments.loras.store import LoraStore
 from serve.prompt_tags import LoraTag, extract_lora_tags
 from tests.lora_files import write_lora
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 
 from deployments.adapters import PipelineAdapters
+from deployments.errors import LoraIncompatible
 from deployments.family import FAMILY_NAMES, get_family
-from serve.errors import LoraIncompatible
-from serve.loras.formats import apply_metadata_alpha
+from deployments.loras.formats import apply_metadata_alpha
 from tests.real_models import meta_pipeline
 from tests.trainer_layouts import LAYOUTS
 

@@ -16,10 +16,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from serve.config import AppConfig, RemoteLoraConfig
-from serve.errors import InvalidRequest, LoraNotFound, RemoteFetchFailed, TooLarge
-from serve.loras.remote import RemoteLoraCache, check_url
-from serve.schemas import LoraSpec
+from deployments.config import RemoteLoraConfig
+from deployments.errors import InvalidRequest, LoraNotFound, RemoteFetchFailed, TooLarge
+from deployments.loras.remote import RemoteLoraCache, check_url
+from deployments.schemas import LoraSpec
+from serve.config import AppConfig
 from tests.file_server import FileServer
 
 FILE_BYTES = 10_000

@@ -15,10 +15,11 @@ import fsspec
 import pytest
 from pydantic import ValidationError
 
-from serve.config import AppConfig, LoraRootCacheConfig
-from serve.errors import LoraNotFound
-from serve.loras.root_cache import RootCache
-from serve.loras.store import LoraStore
+from deployments.config import LoraRootCacheConfig
+from deployments.errors import LoraNotFound
+from deployments.loras.root_cache import RootCache
+from deployments.loras.store import LoraStore
+from serve.config import AppConfig
 
 FILE_BYTES = 10_000
 

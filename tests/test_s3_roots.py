@@ -2,7 +2,8 @@
 
 What another process writes (a training job publishing a LoRA, the other ingress replica taking
 an upload, a job updating its status) must be seen at once, even by a process that listed the
-folder before; and replicas read the LoRA root through the node cache (serve/loras/root_cache.py).
+folder before; and replicas read the LoRA root through the node cache
+(deployments/loras/root_cache.py).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ def writer():
 
 
 def test_lora_files_written_elsewhere_are_seen_at_once(writer):
-    from serve.loras.store import LoraStore
+    from deployments.loras.store import LoraStore
 
     writer.pipe(f"{BUCKET}/loras/a.safetensors", b"first")
     store = LoraStore(f"s3://{BUCKET}/loras")
@@ -74,9 +75,9 @@ def test_lora_files_written_elsewhere_are_seen_at_once(writer):
 
 
 def test_an_s3_lora_root_is_read_through_the_node_cache(writer, tmp_path):
-    from serve.config import LoraRootCacheConfig
-    from serve.loras.root_cache import RootCache
-    from serve.loras.store import LoraStore
+    from deployments.config import LoraRootCacheConfig
+    from deployments.loras.root_cache import RootCache
+    from deployments.loras.store import LoraStore
 
     writer.pipe(f"{BUCKET}/cached/style.safetensors", b"v1" * 1000)
     store = LoraStore(f"s3://{BUCKET}/cached")
@@ -109,8 +110,8 @@ def test_a_training_status_written_elsewhere_is_read_fresh(writer):
 
 
 def test_the_lora_catalog_keeps_its_index_in_the_bucket(writer):
+    from deployments.loras.store import LoraStore
     from serve.loras.catalog import Catalog
-    from serve.loras.store import LoraStore
 
     class CountedStore(LoraStore):
         reads = 0

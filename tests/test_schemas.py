@@ -8,9 +8,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from deployments.schemas import GenerationRequest
 from serve.config import AppConfig
 from serve.prompt_tags import prompt_with_triggers
-from serve.schemas import GenerationRequest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

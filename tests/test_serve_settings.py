@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from serve.errors import UnsupportedServeSetting
+from deployments.errors import UnsupportedServeSetting
 from serve.serve_settings import check_serve_settings
 
 

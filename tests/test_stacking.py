@@ -8,8 +8,8 @@ import torch
 
 from deployments import load_pipeline
 from deployments.adapters import ActiveAdapter, PipelineAdapters
+from deployments.errors import InvalidRequest
 from deployments.family import FAMILY_NAMES, get_family
-from serve.errors import InvalidRequest
 from tests.lora_files import lora_tensors
 
 PROMPT = "a red fox in the snow"

@@ -9,8 +9,8 @@ import fsspec
 import pytest
 import torch
 
-from serve.errors import LoraNotFound
-from serve.loras.store import LoraStore
+from deployments.errors import LoraNotFound
+from deployments.loras.store import LoraStore
 
 
 @pytest.fixture
@@ -126,7 +126,7 @@ def test_the_stores_own_writes_and_deletes_are_seen_at_once(store):
 
 
 def test_metadata_is_read_once_per_version(tmp_path):
-    from serve.loras.synthetic import write_lora
+    from deployments.loras.synthetic import write_lora
 
     root = tmp_path / "meta"
     root.mkdir()

@@ -16,7 +16,7 @@ from cluster.train.config import TrainJob
 from cluster.train.data import StepOrder, bucket_size, check_dataset, with_trigger
 from cluster.train.progress import loss_curve_png, run_dir_for
 from cluster.train.run import run
-from serve.errors import InvalidRequest
+from deployments.errors import InvalidRequest
 from tests.conftest import REPO_ROOT
 from tests.train_jobs import tiny_job, write_dataset
 

@@ -15,9 +15,9 @@ from cluster.train.run import run
 from deployments import load_pipeline
 from deployments.adapters import ActiveAdapter, PipelineAdapters
 from deployments.family import get_family
-from serve.loras.files import parse_lora_file
-from serve.loras.formats import apply_metadata_alpha
-from serve.loras.store import LoraStore
+from deployments.loras.files import parse_lora_file
+from deployments.loras.formats import apply_metadata_alpha
+from deployments.loras.store import LoraStore
 from tests.train_jobs import tiny_job, write_dataset
 
 # Trains, or starts services of its own: left out of `make test-fast`.

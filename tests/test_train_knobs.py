@@ -21,7 +21,7 @@ from cluster.train.loop import Trainer, loop_config_for, lora_tensors, make_sche
 from cluster.train.objectives import noise_batch
 from cluster.train.publish import adapter_file, adapter_metadata, kohya_name, publish
 from deployments import load_pipeline
-from serve.errors import InvalidRequest
+from deployments.errors import InvalidRequest
 from tests.test_train_flux import load_published, render
 from tests.train_jobs import tiny_job, write_dataset
 

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from cluster.train.checks import check_job
 from cluster.train.config import TrainJob
 from cluster.train.run import run
-from serve.errors import InvalidRequest
+from deployments.errors import InvalidRequest
 
 
 def load_job(path: str) -> TrainJob:

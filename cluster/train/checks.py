@@ -8,8 +8,8 @@ import importlib.util
 
 from cluster.train.config import TrainJob
 from cluster.train.data import DatasetSummary, check_dataset
+from deployments.errors import InvalidRequest
 from deployments.family import get_family
-from serve.errors import InvalidRequest
 
 # Optimizers whose package is optional: refused before the job starts where it is missing.
 OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "lion": "lion_pytorch"}

@@ -17,8 +17,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from cluster.train.config import TrainJob
-from serve.errors import InvalidRequest
-from serve.storage import shared_root
+from deployments.errors import InvalidRequest
+from deployments.storage import shared_root
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BUCKET_STEP_PX = 64  # every family's VAE x patch size divides it

@@ -36,7 +36,7 @@ from cluster.train.objectives import noise_batch
 from cluster.train.publish import adapter_metadata
 from deployments import load_pipeline
 from deployments.family import Family, get_family
-from serve.schemas import GenerationJob
+from deployments.schemas import GenerationJob
 
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "state.pt"

@@ -22,7 +22,7 @@ from cluster.train.config import (
     RunStatus,
     TrainJob,
 )
-from serve.storage import shared_root
+from deployments.storage import shared_root
 
 CURVE_SIZE_PX = (640, 360)
 CURVE_MARGIN_PX = 40

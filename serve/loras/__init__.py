@@ -1,5 +1,2 @@
-"""LoRA adapter files: the store (an fsspec root) and loading them into a pipeline."""
-
-from serve.loras.store import LoraRef, LoraStore
-
-__all__ = ["LoraRef", "LoraStore"]
+"""The HTTP side of LoRA files: the catalog behind `GET /loras`, resumable uploads, and the
+merge request. The files themselves are handled in `deployments/loras/`."""

@@ -14,10 +14,10 @@ import hashlib
 import json
 import logging
 
-from serve.errors import LoraIncompatible, LoraNotFound
-from serve.loras.files import parse_lora_file
-from serve.loras.formats import inspect_lora
-from serve.loras.store import LoraRef, LoraStore
+from deployments.errors import LoraIncompatible, LoraNotFound
+from deployments.loras.files import parse_lora_file
+from deployments.loras.formats import inspect_lora
+from deployments.loras.store import LoraRef, LoraStore
 
 logger = logging.getLogger(__name__)
 

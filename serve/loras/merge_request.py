@@ -1,4 +1,4 @@
-"""`POST /loras/merge`'s request. Apart from the merge (serve/loras/merge.py), which the
+"""`POST /loras/merge`'s request. Apart from the merge (deployments/loras/merge.py), which the
 replicas run: that needs torch and peft, and importing peft would add seconds to every ingress
 replica's start for a schema."""
 

@@ -19,9 +19,9 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from serve.errors import Conflict, InvalidRequest, LoraNotFound, NotFound, TooLarge
-from serve.loras.files import read_header
-from serve.loras.store import LoraStore, check_name
+from deployments.errors import Conflict, InvalidRequest, LoraNotFound, NotFound, TooLarge
+from deployments.loras.files import read_header
+from deployments.loras.store import LoraStore, check_name
 
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 _STATE_FILE = "upload.json"

@@ -15,6 +15,7 @@ from collections import Counter
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.errors import LoraIncompatible
 from deployments.family import detect_lora_family, get_family
 from deployments.lora_anatomy import (
     DOWN_SUFFIXES,
@@ -23,7 +24,6 @@ from deployments.lora_anatomy import (
     adapter_kind,
     detect_format,
 )
-from serve.errors import LoraIncompatible
 
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # as diffusers' lora_base names it
 

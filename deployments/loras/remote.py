@@ -19,10 +19,10 @@ import fsspec
 import httpx
 from filelock import Timeout
 
-from serve.config import RemoteLoraConfig
-from serve.errors import InvalidRequest, LoraNotFound, RemoteFetchFailed, TooLarge
-from serve.loras.disk_cache import DiskCache, OverBudget
-from serve.loras.store import LoraRef
+from deployments.config import RemoteLoraConfig
+from deployments.errors import InvalidRequest, LoraNotFound, RemoteFetchFailed, TooLarge
+from deployments.loras.disk_cache import DiskCache, OverBudget
+from deployments.loras.store import LoraRef
 
 HTTP_SCHEMES = ("http", "https")
 DEFAULT_PORTS = {"http": 80, "https": 443}

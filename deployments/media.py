@@ -8,7 +8,7 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
-from serve.errors import InvalidRequest, TooLarge
+from deployments.errors import InvalidRequest, TooLarge
 
 JPEG_QUALITY = 95
 WEBP_QUALITY = 90

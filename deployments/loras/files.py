@@ -8,7 +8,7 @@ import struct
 import torch
 from safetensors.torch import load as load_safetensors
 
-from serve.errors import LoraIncompatible
+from deployments.errors import LoraIncompatible
 
 # A safetensors header is JSON describing the tensors; real LoRA headers are tens of KiB.
 MAX_HEADER_BYTES = 16 * 1024 * 1024

@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from serve.errors import LoraIncompatible
+from deployments.errors import LoraIncompatible
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 """peft key stem (`transformer.blocks.0.attn.to_q`) -> (lora_A weight, lora_B weight, scale)."""

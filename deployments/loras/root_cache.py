@@ -17,9 +17,9 @@ import hashlib
 
 from filelock import Timeout
 
-from serve.config import LoraRootCacheConfig
-from serve.loras.disk_cache import DiskCache, OverBudget
-from serve.loras.store import LoraRef, LoraStore
+from deployments.config import LoraRootCacheConfig
+from deployments.loras.disk_cache import DiskCache, OverBudget
+from deployments.loras.store import LoraRef, LoraStore
 
 # How long a replica waits for another process's download of the same file before reading it
 # itself: far beyond a multi-gigabyte file at object-store speeds.

@@ -21,9 +21,9 @@ from typing import BinaryIO
 
 from fsspec.implementations.local import LocalFileSystem
 
-from serve.errors import LoraNotFound
-from serve.loras.files import MAX_HEADER_BYTES, read_header
-from serve.storage import shared_root
+from deployments.errors import LoraNotFound
+from deployments.loras.files import MAX_HEADER_BYTES, read_header
+from deployments.storage import shared_root
 
 LORA_SUFFIX = ".safetensors"
 MAX_NAME_CHARS = 512
