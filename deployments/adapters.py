@@ -112,6 +112,10 @@ class PipelineAdapters:
         # LoKr / LoHa adapters: their factors, applied into the base weights while active.
         self._lycoris: dict[str, lycoris.LycorisAdapter] = {}
         self._lycoris_fused: list[tuple[torch.nn.Module, torch.Tensor]] = []  # (layer, kept)
+        # Every call that changes layers belongs on the thread that built this object (the
+        # replica's tensor thread); calls from any other are counted, and /models shows them.
+        self._tensor_thread = threading.get_ident()
+        self.calls_off_thread = 0
         self._slots_made = 0
         # Loads that built new layers (diffusers' `load_lora_weights`): no free slot fit. Every
         # other load refilled a slot, at a small part of the cost.
@@ -134,6 +138,10 @@ class PipelineAdapters:
         denoiser = getattr(pipe, family.denoiser_component)
         self.blocks = BlockLayout(family.block_groups, denoiser, family.name)
 
+    def _count_thread(self) -> None:
+        if threading.get_ident() != self._tensor_thread:
+            self.calls_off_thread += 1
+
     def block_scales(self, block_weights: dict, field: str) -> BlockScales:
         """A request's `block_weights` as one weight per block of this model; InvalidRequest
         naming `field` for an unknown group or a list of the wrong length."""
@@ -148,6 +156,7 @@ class PipelineAdapters:
     def load(self, adapter_name: str, tensors: dict[str, torch.Tensor], label: str) -> int:
         """Inject an adapter; returns its layer count. On any failure the pipeline is unchanged:
         a load that changed a base layer anyway is undone and refused (`base_guard.py`)."""
+        self._count_thread()
         self._unfuse()
         self._active = None  # diffusers activates what it loads; the next request re-activates
         self._signatures.pop(adapter_name, None)
@@ -222,6 +231,7 @@ class PipelineAdapters:
 
     def delete(self, adapter_name: str) -> None:
         """Remove an adapter's layers from every component and free their memory."""
+        self._count_thread()
         self._unfuse()
         self._active = None
         self._free.pop(adapter_name, None)
@@ -302,6 +312,7 @@ class PipelineAdapters:
     def load_prepared(self, prepared: PreparedAdapter) -> tuple[str, int]:
         """`load_reusing` for a prepared file: a file of a known layout is copied from its
         bytes into a free slot of that layout; any other loads as `load_reusing` loads it."""
+        self._count_thread()
         layout = prepared.layout
         if layout is not None:
             slot = self._free_slot_for(layout.signature)
@@ -368,6 +379,7 @@ class PipelineAdapters:
         """An evicted adapter: its layers become a free slot where they can be refilled
         exactly (plain LoRA layers, alpha = rank), else they are deleted. Free slots are never
         active, so they change no generation."""
+        self._count_thread()
         self._forget_if_active(adapter_name)
         if adapter_name not in self._signatures:
             found = self._slot_signature(adapter_name)
@@ -535,6 +547,7 @@ class PipelineAdapters:
 
     def activate(self, adapters: list[ActiveAdapter]) -> None:
         """Make exactly these adapters active, at these strengths, in request order."""
+        self._count_thread()
         wanted = tuple(adapters)
         if wanted == self._active:
             return

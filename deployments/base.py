@@ -98,7 +98,7 @@ class DiffusionDeployment:
 
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
-        self._reports = RegistryReports(context.app_name)
+        self._reports = RegistryReports(context.app_name, self.describe)
         self._gpu_share = _gpu_share()
 
         async def load_adapter(key: str) -> HotAdapter:
@@ -145,6 +145,7 @@ class DiffusionDeployment:
         self._report()
 
     def _load_pipeline(self) -> tuple[object, PipelineAdapters]:
+        self._torch_thread = threading.get_ident()
         pipe = load_pipeline(
             self.model.family, self.model.model_uri, self.model.dtype, self.model.device
         )
@@ -382,6 +383,8 @@ class DiffusionDeployment:
             "batches_run": self._batches_run,
             "requests_batched": self._requests_batched,
             "renders_interrupted": self._renders_interrupted,
+            # Layer changes made off the tensor thread: always 0 (a test holds it there).
+            "tensor_calls_off_thread": self.adapters.calls_off_thread,
             "render_s": round(self._render_s, 3),
             "remote_lora_cache": self.remote.stats() if self.remote.config.enabled else None,
             "lora_root_cache": self.root_cache.stats(),
@@ -492,8 +495,13 @@ class DiffusionDeployment:
 
     def _evict(self, adapter: HotAdapter) -> None:
         # Serve evicts only inside `_get_adapter`, which runs under the lock: no generation
-        # is in flight while the adapter's layers are deleted or kept as a free slot.
-        self.adapters.release(adapter.adapter_name)
+        # is in flight while the adapter's layers are deleted or kept as a free slot. Serve
+        # calls `__del__` in its default executor, and the release touches tensors, so it runs
+        # on the tensor thread, which the lock keeps idle meanwhile.
+        if threading.get_ident() == self._torch_thread:
+            self.adapters.release(adapter.adapter_name)
+        else:
+            self._torch.submit(self.adapters.release, adapter.adapter_name).result()
         self._hot.pop(adapter.key, None)
         self._evictions += 1
         self._m_evictions.inc()
@@ -542,7 +550,7 @@ class DiffusionDeployment:
         return encode_image(media, self.family.media_type)
 
     def _report(self) -> None:
-        self._reports.report(self.describe())
+        self._reports.report()
 
 
 def _block_field(index: int) -> str:

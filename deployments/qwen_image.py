@@ -21,7 +21,7 @@ from deployments.blocks import numbered_blocks
 from deployments.family import Family, TrainingSpec
 from deployments.schemas import GenerationDefaults, GenerationJob
 from deployments.tiny import QWEN_SPECIALS, QWEN_VOCAB_SIZE, tiny_qwen2_tokenizer
-from deployments.training import frame_vae_encode
+from deployments.training_calls import frame_vae_encode
 
 TINY_SEED = 0
 TINY_TEXT_DIM = 32

@@ -20,7 +20,7 @@ from deployments.tiny import (
     tiny_clip_text_model,
     tiny_clip_tokenizer,
 )
-from deployments.training import vae_encode
+from deployments.training_calls import vae_encode
 
 _TINY_SEED = 0
 _TINY_TEXT_DIM = 32

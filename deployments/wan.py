@@ -21,7 +21,7 @@ from deployments.errors import InvalidRequest
 from deployments.family import Family, TrainingSpec
 from deployments.schemas import GenerationDefaults, GenerationJob, VideoRequest
 from deployments.tiny import tiny_t5_encoder, tiny_t5_tokenizer
-from deployments.training import frame_vae_encode
+from deployments.training_calls import frame_vae_encode
 
 VAE_TEMPORAL_FACTOR = 4
 # The transformer's attention projections: self-attention over the video tokens (attn1) and

@@ -17,7 +17,7 @@ from deployments.family import Family, TrainingSpec
 from deployments.lora_keys import comfyui_to_kohya
 from deployments.schemas import GenerationDefaults, GenerationJob
 from deployments.tiny import QWEN_VOCAB_SIZE, tiny_latent_vae, tiny_qwen2_tokenizer
-from deployments.training import vae_encode
+from deployments.training_calls import vae_encode
 
 _TINY_SEED = 0
 _TINY_TEXT_DIM = 32

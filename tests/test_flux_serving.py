@@ -267,3 +267,14 @@ def test_a_body_over_the_limit_is_413(service):
 def test_a_body_that_is_not_json_is_422(service):
     response = service.post("/flux", content=b"{not json")
     assert error_of(response, 422, "invalid_request").startswith("body:")
+
+
+def test_every_layer_change_runs_on_the_tensor_thread_evictions_included(service):
+    """Serve runs an evicted adapter's `__del__` in its own executor; its release must still
+    run on the replica's one tensor thread (the replica counts calls made anywhere else)."""
+    before = flux_replica(service)
+    for lora_id in ("a", "b", "c", "d"):  # two adapters per replica: evictions on the way
+        assert generate(service, lora_id=lora_id).status_code == 200
+    replica = flux_replica(service, loads_at_least=before["adapter_loads"] + 1)
+    assert replica["adapter_evictions"] >= before["adapter_evictions"] + 2
+    assert replica["tensor_calls_off_thread"] == 0

@@ -1,6 +1,6 @@
 """Training throughput and memory of the tiny Flux job with 1 and 2 workers, on CPU.
 
-    python -m cluster.train.bench [--steps 60] [--workers 1 2]
+    python -m cluster.train.throughput [--steps 60] [--workers 1 2]
 
 Each run trains the same LoRA (4 generated 64x64 images, rank 4) and prints steps per second
 (rank 0's, over the training steps only: model loading and Ray start-up excluded) and each
