@@ -322,7 +322,7 @@ class DiffusionDeployment:
         strength 1 (deployments/loras/merge.py). Inputs that are not hot are loaded for the
         merge and deleted after, under the lock, so no generation sees them."""
         uses = [
-            AdapterUse(key=key, name=key.rpartition("@")[0], strength=ratio, clip_strength=ratio)
+            AdapterUse(key=key, name=LoraRef.parse(key).name, strength=ratio, clip_strength=ratio)
             for key, ratio in inputs
         ]
         staged = {use.key: await self._read_shared(use) for use in uses}
@@ -369,7 +369,7 @@ class DiffusionDeployment:
         return {
             "deployment": self.model.name,
             "replica_id": self.replica_id,
-            "hot_adapters": [key.rpartition("@")[0] for key in self._hot],
+            "hot_adapters": [LoraRef.parse(key).name for key in self._hot],
             "adapter_loads": self._loads,
             # Loads that built new layers; the others refilled the layers of an evicted adapter.
             "adapter_fresh_loads": self.adapters.fresh_loads,
@@ -470,12 +470,12 @@ class DiffusionDeployment:
             return prepared
 
     def _read_adapter(self, use: AdapterUse) -> PreparedAdapter:
-        name, _, version = use.key.rpartition("@")
+        ref = LoraRef.parse(use.key)
         if use.url is not None:  # through the node's disk cache, checked again against config
             data = self.remote.fetch(use.url)
         else:
-            data = self.root_cache.read_bytes(LoraRef(name=name, version=version))
-        return self.adapters.prepare(data, name)
+            data = self.root_cache.read_bytes(ref)
+        return self.adapters.prepare(data, ref.name)
 
     async def _load_adapter(self, key: str) -> HotAdapter:
         """The multiplexed loader: runs under `self._lock`, held by `_ensure_hot`'s caller."""

@@ -17,7 +17,9 @@ converts each file's keys anew; neither copies into tensors that already exist.
 from __future__ import annotations
 
 import json
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -155,6 +157,35 @@ def copy_each(layout: ByteLayout, data: bytes, parameters: dict[str, torch.nn.Pa
         for matrix in layout.matrices:
             view = source[matrix.begin : matrix.end].view(matrix.dtype).view(matrix.shape)
             parameters[matrix.key].copy_(view)
+
+
+class KnownLayouts:
+    """File layouts seen, by key (raw header bytes, or `layout_key`), least recent dropped
+    past `max_layouts`. Requests prepare their files side by side, so it is thread-safe."""
+
+    def __init__(self, max_layouts: int):
+        self._max_layouts = max_layouts
+        self._layouts: OrderedDict[object, ByteLayout] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key, data: bytes) -> ByteLayout | None:
+        """The layout remembered under `key`, if `data` fits it."""
+        if key is None:
+            return None
+        with self._lock:
+            layout = self._layouts.get(key)
+            if layout is None or not fits_data(layout, data):
+                return None
+            self._layouts.move_to_end(key)
+            return layout
+
+    def remember(self, key, layout: ByteLayout) -> None:
+        if key is None:
+            return
+        with self._lock:
+            self._layouts[key] = layout
+            while len(self._layouts) > self._max_layouts:
+                self._layouts.popitem(last=False)
 
 
 def _entries(header: dict):

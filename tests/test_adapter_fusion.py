@@ -51,7 +51,7 @@ def test_fused_adapter_matches_unfused_and_unfuses_exactly(pipe):
     adapters.fuse_single = True
     adapters.activate([])
     adapters.activate([ActiveAdapter("a", 0.8, 1.0)])
-    assert adapters._fused, "nothing was fused"
+    assert adapters.activation.fused, "nothing was fused"
     fused = image(pipe)
     assert np.abs(fused - unfused).max() < FUSION_TOLERANCE
     assert np.abs(fused - base).max() > 0.01, "the adapter changes nothing"
@@ -59,7 +59,7 @@ def test_fused_adapter_matches_unfused_and_unfuses_exactly(pipe):
     # Another adapter, a stack (never fused), then none: the base, bit for bit.
     adapters.activate([ActiveAdapter("b", 1.0, 1.0)])
     adapters.activate([ActiveAdapter("a", 0.8, 1.0), ActiveAdapter("b", 0.5, 1.0)])
-    assert not adapters._fused
+    assert not adapters.activation.fused
     adapters.activate([ActiveAdapter("a", 0.8, 1.0)])
     np.testing.assert_array_equal(image(pipe), fused)
     adapters.activate([])

@@ -80,7 +80,7 @@ def test_a_known_layout_loads_from_bytes_to_the_image_of_a_fresh_load(adapters, 
         assert prepared.layout is not None and prepared.tensors is None  # neither parsed
         name, layers = adapters.load_prepared(prepared)
         assert name == slot and layers == len(tensors) // 2
-        assert adapters._packed[slot][1].numel() == prepared.layout.data_size
+        assert adapters.slots._packed[slot][1].numel() == prepared.layout.data_size
         assert np.array_equal(with_adapters(adapters, on(slot, 0.8, 0.6)), want[seed])
         adapters.release(slot)
 
@@ -88,14 +88,14 @@ def test_a_known_layout_loads_from_bytes_to_the_image_of_a_fresh_load(adapters, 
 def test_a_refill_is_one_copy_into_the_same_buffer_and_memory_stays_flat(adapters, made, pipe):
     slot = evicted_slot(adapters, made, 1)
     adapters.load_prepared(adapters.prepare(made(2)[0], "two"))
-    flat = adapters._packed[slot][1]
+    flat = adapters.slots._packed[slot][1]
     parameters = lora_parameters(pipe)
     for seed in range(3, 9):
         adapters.release(slot)
         data, tensors = made(seed)
         name, _ = adapters.load_prepared(adapters.prepare(data, f"lora{seed}"))
         assert name == slot
-        assert adapters._packed[slot][1] is flat  # the same buffer, refilled
+        assert adapters.slots._packed[slot][1] is flat  # the same buffer, refilled
         assert lora_parameters(pipe) == parameters
         state = adapter_state(adapters, slot)
     # The last file's matrices, as the layers hold them.
@@ -180,8 +180,7 @@ def test_a_truncated_file_of_a_known_layout_is_refused_and_changes_nothing(adapt
 def through_library(adapters, *stack) -> np.ndarray:
     """The stack's image, activated through diffusers: the applied stack forgotten first, as
     after a load or a delete, so no layer-local switch is taken."""
-    adapters._unfuse()
-    adapters._active = None
+    adapters.activation.reset()
     return with_adapters(adapters, *stack)
 
 
@@ -209,8 +208,10 @@ def test_switches_leave_every_layer_as_the_library_sets_it(pipe, made, fuse):
             [on(b)],
         ]
         layer_local = []
-        activate_layers = adapters._activate_layers
-        adapters._activate_layers = lambda *args: layer_local.append(activate_layers(*args))
+        activate_layers = adapters.activation._activate_layers
+        adapters.activation._activate_layers = lambda *args: layer_local.append(
+            activate_layers(*args)
+        )
         for stack in stacks:
             switched = with_adapters(adapters, *stack)
             assert np.array_equal(switched, through_library(adapters, *stack)), stack
@@ -239,8 +240,10 @@ def test_a_chain_of_switches_renders_each_stack_as_the_library_does(pipe, made, 
         wanted = [through_library(adapters, *stack) for stack in stacks]
         adapters.activate([])  # the chain starts from the library's state for no adapter
         layer_local = []
-        activate_layers = adapters._activate_layers
-        adapters._activate_layers = lambda *args: layer_local.append(activate_layers(*args))
+        activate_layers = adapters.activation._activate_layers
+        adapters.activation._activate_layers = lambda *args: layer_local.append(
+            activate_layers(*args)
+        )
         for stack, image in zip(stacks, wanted, strict=True):
             assert np.array_equal(with_adapters(adapters, *stack), image), stack
         assert len(layer_local) == len(stacks)  # every one a layer-local switch
@@ -265,7 +268,7 @@ def test_a_half_precision_file_is_copied_matrix_by_matrix_into_a_float_slot(
         adapters.release(name)
         prepared = adapters.prepare(data, "half")
         name, _ = adapters.load_prepared(prepared)
-        assert prepared.layout is not None and name not in adapters._packed
+        assert prepared.layout is not None and name not in adapters.slots._packed
     recycled = adapter_state(adapters, name)
     for adapter_name in loaded(pipe):
         adapters.delete(adapter_name)

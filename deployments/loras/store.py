@@ -34,6 +34,9 @@ COPY_CHUNK_BYTES = 8 * 1024 * 1024
 MAX_REMEMBERED = 4096
 
 
+_KEY_SEPARATOR = "@"
+
+
 @dataclass(frozen=True)
 class LoraRef:
     """One version of one adapter file."""
@@ -45,8 +48,15 @@ class LoraRef:
 
     @property
     def key(self) -> str:
-        """The multiplexed model id: a replica caches adapters per file version."""
-        return f"{self.name}@{self.version}"
+        """The multiplexed model id: a replica caches adapters per file version. `parse`
+        reads it back; nothing else takes it apart."""
+        return f"{self.name}{_KEY_SEPARATOR}{self.version}"
+
+    @classmethod
+    def parse(cls, key: str) -> LoraRef:
+        """The file version a `key` names (a name may hold the separator; a version never)."""
+        name, _, version = key.rpartition(_KEY_SEPARATOR)
+        return cls(name=name, version=version)
 
 
 def _not_found(name: str) -> LoraNotFound:
