@@ -1,8 +1,8 @@
 """DiffusionDeployment: the one Serve deployment class that serves every family.
 
 Each replica loads its family's pipeline once and keeps an LRU of hot adapters through
-`@serve.multiplexed`, so Serve routes a request to a replica that already holds its first
-adapter. The pipeline is stateful (which adapters are active, at what scale), so everything that
+`@serve.multiplexed` (hot_adapters.py), so Serve routes a request to a replica that already
+holds its first adapter. Its metrics are declared in replica_metrics.py. The pipeline is stateful (which adapters are active, at what scale), so everything that
 touches it runs under one lock: adapter loads, evictions and generations never overlap, and an
 eviction therefore always waits for the generation in flight.
 """
@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from ray import serve
-from ray.serve import metrics
 
 from deployments.adapters import (
     ActiveAdapter,
@@ -32,32 +31,16 @@ from deployments.batching import GroupRenders, batch_key, batched_pipeline_kwarg
 from deployments.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
 from deployments.errors import InvalidRequest, LoraIncompatible
 from deployments.family import get_family
+from deployments.hot_adapters import HotAdapters
 from deployments.loading import load_pipeline
 from deployments.loras.merge import adapter_factors, concatenate, merged_file
 from deployments.loras.remote import RemoteLoraCache
 from deployments.loras.root_cache import RootCache
 from deployments.loras.store import LoraRef, LoraStore
 from deployments.media import encode_image, encode_video, image_size
+from deployments.replica_metrics import ReplicaMetrics
 from deployments.replica_reports import RegistryReports
 from deployments.schemas import AdapterUse, GenerationJob, GenerationResult
-from deployments.shared_reads import SharedReads
-
-_SECONDS_BUCKETS = [0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300]
-
-
-class HotAdapter:
-    """What the multiplexed LRU holds for one adapter. Serve calls `__del__` on eviction."""
-
-    def __init__(self, key: str, adapter_name: str, evict):
-        self.key = key
-        self.adapter_name = adapter_name
-        self._evict = evict
-
-    def __del__(self):
-        # Serve calls this on eviction and Python again on garbage collection: act once.
-        evict, self._evict = self._evict, None
-        if evict is not None:
-            evict(self)
 
 
 class DiffusionDeployment:
@@ -86,9 +69,6 @@ class DiffusionDeployment:
         )
         self.remote = RemoteLoraCache(RemoteLoraConfig.model_validate(remote_loras or {}))
         self._lock = asyncio.Lock()
-        self._hot: dict[str, str] = {}  # store key -> peft adapter name, in load order
-        self._staged: dict[str, PreparedAdapter] = {}
-        self._loads = self._hits = self._evictions = 0
         self._batches_run = self._requests_batched = 0
         # Pipeline calls stopped before their last step: every request in them had gone away.
         self._renders_interrupted = 0
@@ -101,12 +81,6 @@ class DiffusionDeployment:
         self._reports = RegistryReports(context.app_name, self.describe)
         self._gpu_share = _gpu_share()
 
-        async def load_adapter(key: str) -> HotAdapter:
-            return await self._load_adapter(key)
-
-        self._get_adapter = serve.multiplexed(
-            max_num_models_per_replica=self.model.max_adapters_per_replica
-        )(load_adapter)
         if self.model.max_batch_size > 1:
             # Wrapped here, per replica, with this model's limits. Serve splits a batch by
             # multiplexed model id (a stack's first adapter); `_render_batch` groups further.
@@ -115,32 +89,15 @@ class DiffusionDeployment:
                 batch_wait_timeout_s=self.model.batch_wait_timeout_ms / 1000.0,
             )(self._render_batch)
 
-        self._m_hits = metrics.Counter("loraplex_adapter_cache_hits", "Adapter cache hits.")
-        self._m_misses = metrics.Counter("loraplex_adapter_cache_misses", "Adapter cache misses.")
-        self._m_evictions = metrics.Counter("loraplex_adapter_evictions", "Adapters evicted.")
-        self._m_fresh_loads = metrics.Counter(
-            "loraplex_adapter_fresh_loads", "Adapter loads that built new layers (no slot fit)."
-        )
-        self._m_free_slots = metrics.Gauge(
-            "loraplex_free_adapter_slots", "Evicted adapters' layers kept for the next load."
-        )
-        self._m_load_s = metrics.Histogram(
-            "loraplex_adapter_load_seconds", "Adapter load time.", boundaries=_SECONDS_BUCKETS
-        )
-        self._m_generation_s = metrics.Histogram(
-            "loraplex_generation_seconds", "Pipeline call time.", boundaries=_SECONDS_BUCKETS
-        )
-        self._m_gpu_s = metrics.Counter("loraplex_gpu_seconds", "GPU-seconds billed.")
-        self._m_cost = metrics.Counter("loraplex_cost_usd", "USD billed.")
-        self._m_file_reads = metrics.Counter(
-            "loraplex_adapter_file_reads", "Cold adapter files read."
-        )
-        self._m_file_reads_shared = metrics.Counter(
-            "loraplex_adapter_file_reads_shared", "Requests served by another request's read."
-        )
-        # Cold files read once however many requests want them at a time (shared_reads.py).
-        self._reads: SharedReads[PreparedAdapter] = SharedReads(
-            on_start=self._m_file_reads.inc, on_join=self._m_file_reads_shared.inc
+        self.metrics = ReplicaMetrics()
+        self.hot = HotAdapters(
+            self.adapters,
+            self.model.max_adapters_per_replica,
+            self._read_adapter,
+            self._in_torch_thread,
+            self._in_torch_thread_now,
+            self.metrics,
+            self._report,
         )
         self._report()
 
@@ -163,6 +120,13 @@ class DiffusionDeployment:
             self._torch, functools.partial(work, *args)
         )
 
+    def _in_torch_thread_now(self, work, *args):
+        """`work(*args)` on the tensor thread, from a plain thread (Serve's executor runs an
+        evicted adapter's `__del__`), or directly when already on it."""
+        if threading.get_ident() == self._torch_thread:
+            return work(*args)
+        return self._torch.submit(work, *args).result()
+
     async def generate(self, job: GenerationJob) -> GenerationResult:
         job = self._resolve_job(job)
         async with contextlib.AsyncExitStack() as held:
@@ -170,9 +134,9 @@ class DiffusionDeployment:
             # generations; held while this request is served, so requests for the same cold
             # file meanwhile share its one read and its one parsed copy.
             staged = {
-                use.key: await held.enter_async_context(self._hold_read(use))
+                use.key: await held.enter_async_context(self.hot.hold_read(use))
                 for use in job.adapters
-                if use.key not in self._hot
+                if use.key not in self.hot
             }
             image, inference_ms, cache = await self._generate_staged(job, staged)
         content = await asyncio.to_thread(self._encode, image, job)
@@ -180,9 +144,9 @@ class DiffusionDeployment:
         cost_usd = gpu_seconds * self.model.price_per_gpu_hour / 3600.0
         # Ray's counters refuse an increment of 0 (a free model, price_per_gpu_hour 0).
         if gpu_seconds > 0:
-            self._m_gpu_s.inc(gpu_seconds)
+            self.metrics.gpu_s.inc(gpu_seconds)
         if cost_usd > 0:
-            self._m_cost.inc(cost_usd)
+            self.metrics.cost.inc(cost_usd)
         return GenerationResult(
             content=content,
             media_type=self.family.media_type,
@@ -214,7 +178,7 @@ class DiffusionDeployment:
         async with self._lock:
             if interrupted.is_set():
                 raise asyncio.CancelledError
-            cache = await self._ensure_hot(job.adapters, staged)
+            cache = await self.hot.ensure_hot(job.adapters, staged)
             active = self._active_for(job)
             image, inference_ms = await self._in_torch_thread(
                 self._render, job, active, interrupted
@@ -229,7 +193,7 @@ class DiffusionDeployment:
 
         async def ensure_hot() -> list[str]:
             async with self._lock:
-                return await self._ensure_hot(job.adapters, staged)
+                return await self.hot.ensure_hot(job.adapters, staged)
 
         # Shielded as in the unbatched path: a load under way finishes before the lock is free.
         cache = await asyncio.shield(asyncio.ensure_future(ensure_hot()))
@@ -288,7 +252,7 @@ class DiffusionDeployment:
             # another stack may have evicted one of those adapters while this batch formed.
             # Touched again (reloaded if it went) under the lock, which every eviction needs:
             # from here to the end of the call no adapter of the group can go.
-            await self._ensure_hot(jobs[0].adapters, {}, count=False)
+            await self.hot.ensure_hot(jobs[0].adapters, {}, count=False)
             active = self._active_for(jobs[0])
             return await self._in_torch_thread(self._render_jobs, jobs, active, interrupted)
 
@@ -296,7 +260,7 @@ class DiffusionDeployment:
         """The job's stack as the pipeline activates it (its adapters must be hot)."""
         return [
             ActiveAdapter(
-                self._hot[use.key],
+                self.hot.get(use.key),
                 use.strength,
                 use.clip_strength,
                 self.adapters.block_scales(use.block_weights, _block_field(index)),
@@ -325,7 +289,7 @@ class DiffusionDeployment:
             AdapterUse(key=key, name=LoraRef.parse(key).name, strength=ratio, clip_strength=ratio)
             for key, ratio in inputs
         ]
-        staged = {use.key: await self._read_shared(use) for use in uses}
+        staged = {use.key: await self.hot.read_shared(use) for use in uses}
         components = {attr: getattr(self.pipe, attr) for attr in self.family.lora_components}
         components = {attr: c for attr, c in components.items() if c is not None}
         weighted = []
@@ -333,7 +297,7 @@ class DiffusionDeployment:
             temporary = []
             try:
                 for use in uses:
-                    adapter_name = self._hot.get(use.key)
+                    adapter_name = self.hot.get(use.key)
                     if adapter_name is None:
                         adapter_name = adapter_name_for(f"merge:{use.key}")
                         await self._in_torch_thread(
@@ -369,16 +333,16 @@ class DiffusionDeployment:
         return {
             "deployment": self.model.name,
             "replica_id": self.replica_id,
-            "hot_adapters": [LoraRef.parse(key).name for key in self._hot],
-            "adapter_loads": self._loads,
+            "hot_adapters": [LoraRef.parse(key).name for key in self.hot.keys()],
+            "adapter_loads": self.hot.loads,
             # Loads that built new layers; the others refilled the layers of an evicted adapter.
             "adapter_fresh_loads": self.adapters.fresh_loads,
             "free_adapter_slots": self.adapters.free_slot_count(),
-            "adapter_hits": self._hits,
-            "adapter_evictions": self._evictions,
+            "adapter_hits": self.hot.hits,
+            "adapter_evictions": self.hot.evictions,
             # Cold files read, and requests that shared a read another request made.
-            "adapter_file_reads": self._reads.started,
-            "adapter_file_reads_shared": self._reads.joined,
+            "adapter_file_reads": self.hot.reads_started,
+            "adapter_file_reads_shared": self.hot.reads_joined,
             "max_batch_size": self.model.max_batch_size,
             "batches_run": self._batches_run,
             "requests_batched": self._requests_batched,
@@ -436,39 +400,6 @@ class DiffusionDeployment:
             self.adapters.block_scales(use.block_weights, _block_field(index))
         return job
 
-    async def _ensure_hot(
-        self, uses: list[AdapterUse], staged: dict, count: bool = True
-    ) -> list[str]:
-        """Load each adapter of the stack unless hot; 'hit' or 'miss' per adapter, in order.
-        `count=False`: a batch touching its adapters again, not a request (no hit counted)."""
-        cache = []
-        for use in uses:
-            hit = use.key in self._hot
-            if not hit and use.key not in staged:
-                staged[use.key] = await self._read_shared(use)
-            self._staged = staged
-            try:
-                await self._get_adapter(use.key)
-            finally:
-                self._staged = {}
-            cache.append("hit" if hit else "miss")
-            if count:
-                (self._m_hits if hit else self._m_misses).inc()
-                self._hits += hit
-        if uses:
-            self._report()
-        return cache
-
-    def _hold_read(self, use: AdapterUse):
-        """The adapter's file, read and prepared (or joined to a read under way or held), held
-        while the `async with` block runs."""
-        return self._reads.hold(use.key, functools.partial(self._read_adapter, use))
-
-    async def _read_shared(self, use: AdapterUse) -> PreparedAdapter:
-        """The adapter's file as `_hold_read` gives it, for a caller that keeps it itself."""
-        async with self._hold_read(use) as prepared:
-            return prepared
-
     def _read_adapter(self, use: AdapterUse) -> PreparedAdapter:
         ref = LoraRef.parse(use.key)
         if use.url is not None:  # through the node's disk cache, checked again against config
@@ -476,37 +407,6 @@ class DiffusionDeployment:
         else:
             data = self.root_cache.read_bytes(ref)
         return self.adapters.prepare(data, ref.name)
-
-    async def _load_adapter(self, key: str) -> HotAdapter:
-        """The multiplexed loader: runs under `self._lock`, held by `_ensure_hot`'s caller."""
-        prepared = self._staged.pop(key)
-        started = time.perf_counter()
-        fresh_loads = self.adapters.fresh_loads  # only loads under the lock change it
-        # Into an evicted adapter's layers when they fit (a free slot), else a fresh load.
-        adapter_name, _ = await self._in_torch_thread(self.adapters.load_prepared, prepared)
-        self._m_load_s.observe(time.perf_counter() - started)
-        if self.adapters.fresh_loads > fresh_loads:
-            self._m_fresh_loads.inc()
-        self._m_free_slots.set(self.adapters.free_slot_count())
-        self._hot[key] = adapter_name
-        self._loads += 1
-        self._report()
-        return HotAdapter(key, adapter_name, self._evict)
-
-    def _evict(self, adapter: HotAdapter) -> None:
-        # Serve evicts only inside `_get_adapter`, which runs under the lock: no generation
-        # is in flight while the adapter's layers are deleted or kept as a free slot. Serve
-        # calls `__del__` in its default executor, and the release touches tensors, so it runs
-        # on the tensor thread, which the lock keeps idle meanwhile.
-        if threading.get_ident() == self._torch_thread:
-            self.adapters.release(adapter.adapter_name)
-        else:
-            self._torch.submit(self.adapters.release, adapter.adapter_name).result()
-        self._hot.pop(adapter.key, None)
-        self._evictions += 1
-        self._m_evictions.inc()
-        self._m_free_slots.set(self.adapters.free_slot_count())
-        self._report()
 
     def _render(self, job: GenerationJob, active: list[ActiveAdapter], interrupted):
         media, elapsed_ms = self._render_jobs([job], active, interrupted)
@@ -540,7 +440,7 @@ class DiffusionDeployment:
             )
         elapsed_s = time.perf_counter() - started
         self._render_s += elapsed_s
-        self._m_generation_s.observe(elapsed_s)
+        self.metrics.generation_s.observe(elapsed_s)
         media = output.frames if self.family.output == "video" else output.images
         return list(media[: len(jobs)]), elapsed_s * 1000.0
 
