@@ -2,9 +2,10 @@
 
 Each replica loads its family's pipeline once and keeps an LRU of hot adapters through
 `@serve.multiplexed` (hot_adapters.py), so Serve routes a request to a replica that already
-holds its first adapter. Its metrics are declared in replica_metrics.py. The pipeline is stateful (which adapters are active, at what scale), so everything that
-touches it runs under one lock: adapter loads, evictions and generations never overlap, and an
-eviction therefore always waits for the generation in flight.
+holds its first adapter; its metrics are declared in replica_metrics.py. The pipeline is
+stateful (which adapters are active, at what scale), so everything that touches it runs under
+one lock: adapter loads, evictions and generations never overlap, and an eviction therefore
+always waits for the generation in flight.
 """
 
 from __future__ import annotations
@@ -25,15 +26,14 @@ from deployments.adapters import (
     ActiveAdapter,
     PipelineAdapters,
     PreparedAdapter,
-    adapter_name_for,
 )
 from deployments.batching import GroupRenders, batch_key, batched_pipeline_kwargs
 from deployments.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
-from deployments.errors import InvalidRequest, LoraIncompatible
+from deployments.errors import InvalidRequest
 from deployments.family import get_family
 from deployments.hot_adapters import HotAdapters
 from deployments.loading import load_pipeline
-from deployments.loras.merge import adapter_factors, concatenate, merged_file
+from deployments.loras.merge import MergeInput, merge_stack
 from deployments.loras.remote import RemoteLoraCache
 from deployments.loras.root_cache import RootCache
 from deployments.loras.store import LoraRef, LoraStore
@@ -283,50 +283,21 @@ class DiffusionDeployment:
 
     async def merge_loras(self, inputs: list[tuple[str, float]], trigger_words: list[str]) -> bytes:
         """One `.safetensors` file that applies the stack of `inputs` (store key, ratio) at
-        strength 1 (deployments/loras/merge.py). Inputs that are not hot are loaded for the
-        merge and deleted after, under the lock, so no generation sees them."""
+        strength 1 (deployments/loras/merge.py), read beside the generation in flight and
+        merged under the lock on the tensor thread."""
         uses = [
             AdapterUse(key=key, name=LoraRef.parse(key).name, strength=ratio, clip_strength=ratio)
             for key, ratio in inputs
         ]
-        staged = {use.key: await self.hot.read_shared(use) for use in uses}
-        components = {attr: getattr(self.pipe, attr) for attr in self.family.lora_components}
-        components = {attr: c for attr, c in components.items() if c is not None}
-        weighted = []
+        prepared = {use.key: await self.hot.read_shared(use) for use in uses}
         async with self._lock:
-            temporary = []
-            try:
-                for use in uses:
-                    adapter_name = self.hot.get(use.key)
-                    if adapter_name is None:
-                        adapter_name = adapter_name_for(f"merge:{use.key}")
-                        await self._in_torch_thread(
-                            self._load_for_merge, adapter_name, staged[use.key], use.name
-                        )
-                        temporary.append(adapter_name)
-                    kind = self.adapters.kind_of(adapter_name)
-                    if kind != "LoRA":  # a LoRA file holds A and B only: the rest would be lost
-                        raise LoraIncompatible(
-                            f"Failed to load LoRA: {use.name}: a {kind} adapter cannot be "
-                            "merged into a LoRA file"
-                        )
-                    factors = await self._in_torch_thread(
-                        adapter_factors, components, adapter_name, use.name
-                    )
-                    weighted.append((factors, use.strength))
-            finally:
-                for adapter_name in temporary:
-                    await self._in_torch_thread(self.adapters.delete, adapter_name)
-        sources = [(use.name, use.strength) for use in uses]
-
-        def merged() -> bytes:
-            return merged_file(concatenate(weighted), self.family.name, sources, trigger_words)
-
-        return await self._in_torch_thread(merged)
-
-    def _load_for_merge(self, adapter_name: str, prepared: PreparedAdapter, label: str) -> None:
-        """A fresh load under `adapter_name`, parsing the file here if `prepare` did not."""
-        self.adapters.load(adapter_name, self.adapters.file_tensors(prepared), label)
+            stack = [
+                MergeInput(
+                    use.key, use.name, use.strength, self.hot.get(use.key), prepared[use.key]
+                )
+                for use in uses
+            ]
+            return await self._in_torch_thread(merge_stack, self.adapters, stack, trigger_words)
 
     def describe(self) -> dict:
         """This replica's state, as /models shows it."""

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from deployments.adapters import PipelineAdapters, PreparedAdapter, adapter_name_for
 from deployments.errors import LoraIncompatible
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
@@ -87,3 +89,47 @@ def merged_file(
     if trigger_words:
         metadata["trigger_words"] = json.dumps(trigger_words)
     return save_safetensors(tensors, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class MergeInput:
+    """One adapter of the stack to merge."""
+
+    key: str
+    """Its file version (`LoraRef.key`)."""
+    label: str
+    ratio: float
+    hot_name: str | None
+    """Its peft adapter name where the replica holds it hot; else it is loaded for the merge."""
+    prepared: PreparedAdapter
+
+
+def merge_stack(
+    adapters: PipelineAdapters, inputs: list[MergeInput], trigger_words: list[str]
+) -> bytes:
+    """The merged file of `inputs`. Inputs that are not hot are loaded under names of their own
+    and deleted after, whatever happens; the caller runs this on the tensor thread under the
+    replica's lock, so no generation sees them."""
+    pipe, family = adapters.pipe, adapters.family
+    components = {attr: getattr(pipe, attr, None) for attr in family.lora_components}
+    components = {attr: component for attr, component in components.items() if component}
+    weighted, temporary = [], []
+    try:
+        for item in inputs:
+            adapter_name = item.hot_name
+            if adapter_name is None:
+                adapter_name = adapter_name_for(f"merge:{item.key}")
+                adapters.load(adapter_name, adapters.file_tensors(item.prepared), item.label)
+                temporary.append(adapter_name)
+            kind = adapters.kind_of(adapter_name)
+            if kind != "LoRA":  # a LoRA file holds A and B only: the rest would be lost
+                raise LoraIncompatible(
+                    f"Failed to load LoRA: {item.label}: a {kind} adapter cannot be merged into "
+                    "a LoRA file"
+                )
+            weighted.append((adapter_factors(components, adapter_name, item.label), item.ratio))
+    finally:
+        for adapter_name in temporary:
+            adapters.delete(adapter_name)
+    sources = [(item.label, item.ratio) for item in inputs]
+    return merged_file(concatenate(weighted), family.name, sources, trigger_words)
