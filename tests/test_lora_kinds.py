@@ -20,8 +20,8 @@ from deployments.errors import LoraIncompatible
 from deployments.family import detect_lora_family, get_family
 from deployments.loras.formats import inspect_lora
 from deployments.loras.synthetic import write_lora
+from tests.family_helpers import render
 from tests.lora_formats import RANK, _linear, flux_bfl_modules, kohya_name, lora_in_format
-from tests.test_lora_formats import render
 
 LYCORIS_RANK = 4
 LYCORIS_ALPHA = 2.0
@@ -332,6 +332,7 @@ def test_http_a_lokr_file_serves_from_the_replicas_cache_and_lists_its_kind(
     listed = {e["name"]: e for e in service.get("/loras").json()["loras"]}
     entry = listed["character-kinds-lokr.safetensors"]
     assert (entry["kind"], entry["format"], entry["family"]) == ("LoKr", "kohya", "flux")
+    assert (entry["rank"], entry["alpha"]) == (LYCORIS_RANK, LYCORIS_ALPHA)
 
 
 def test_http_a_control_lora_is_422_and_the_next_request_gives_the_same_bytes(

@@ -52,10 +52,13 @@ class LoraFacts(BaseModel):
 
 def inspect_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraFacts:
     keys = list(tensors)
+    # A LoRA's rank is its down matrix's first dimension; a LyCORIS module's, its factored
+    # part's (LoKr: w2's, else w1's; LoHa: w1_b's).
+    ranked = DOWN_SUFFIXES + (".lokr_w2_b", ".hada_w1_b")
     ranks = Counter(
         int(tensor.shape[0])
         for key, tensor in tensors.items()
-        if key.endswith(DOWN_SUFFIXES) and tensor.ndim >= 2
+        if key.endswith(ranked) and tensor.ndim >= 2
     )
     alphas = Counter(
         round(float(tensor.reshape(-1)[0]), 4)
