@@ -1,16 +1,14 @@
-"""`/datasets` and `/train`: dataset storage and training jobs submitted as Ray jobs.
+"""Training runs as Ray jobs: submission, status, logs, run files and stopping.
 
 A training run is a Ray job (`python -m cluster.train --config <run>/job.json`) submitted through
 Ray's job submission server, so `ray job list` / `ray job logs` see it too. Its state is Ray's
 (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED); its progress is the `status.json` that rank 0
 rewrites in the run folder `<train_storage_path>/<job_id>/` (layout in cluster/train/config.py).
+What a job may be is checked before it gets here (serve/train_request.py).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import os
 import posixpath
@@ -24,10 +22,7 @@ from pathlib import Path
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
-from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
 
-from cluster.train.checks import check_job
 from cluster.train.config import (
     JOB_FILE,
     LOSS_CURVE_FILE,
@@ -36,186 +31,16 @@ from cluster.train.config import (
     RunStatus,
     TrainJob,
 )
-from deployments.errors import InvalidRequest, JobServerUnavailable, LoraplexError, NotFound
-from deployments.loras.remote import check_url
+from deployments.errors import InvalidRequest, JobServerUnavailable, NotFound
 from deployments.storage import shared_root
 from serve.config import AppConfig
 
-MAX_DATASET_IMAGES = 10_000
-MAX_NAME_CHARS = 256
-STAGING_FOLDER = ".staging"
-IMAGE_SUFFIX = ".png"
-CAPTION_SUFFIX = ".txt"
-# An uploaded file's name becomes `<stem>.png` + `<stem>.txt`: plain characters, no folders.
-FILE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()+-]{0,127}$")
-NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 JOB_ID = re.compile(r"^train-[0-9a-f]{32}$")
 SAMPLE_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.png$")
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
-# The run folder and paths the job reads are the server's to choose, never a client's.
-SERVER_FIELDS = ("lora_root", "dataset_root", "storage_path", "run_name")
 # Passed to the job as they are here: offline hub, reproducible CPU matmuls, quiet tokenizers.
 JOB_ENV_VARS = ("HF_HUB_OFFLINE", "MKL_CBWR", "TOKENIZERS_PARALLELISM")
 STOP_WAIT_S = 30.0
-
-
-class DatasetImage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    filename: str = Field(min_length=1, max_length=256, description="e.g. img01.jpg")
-    content: str = Field(min_length=1, description="The image file, base64.")
-    caption: str = Field(default="", max_length=4000)
-
-
-class DatasetUpload(BaseModel):
-    """`PUT /datasets/{name}` as JSON: the whole dataset; it replaces any of that name."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    images: list[DatasetImage] = Field(min_length=1, max_length=MAX_DATASET_IMAGES)
-
-
-def check_dataset_name(name: str, field: str = "name") -> str:
-    """A dataset name: folders of plain parts under the dataset root, never outside it."""
-    parts = name.split("/")
-    if (
-        not name
-        or len(name) > MAX_NAME_CHARS
-        or "://" in name
-        or name.startswith("/")
-        or any(not NAME_PART.match(part) or part in (".", "..") for part in parts)
-    ):
-        raise InvalidRequest(
-            f"{field}: {name!r} is not a dataset name (relative, letters, digits, '_', '-', '.' "
-            "in each part; no '..', no absolute path, no hidden parts)"
-        )
-    return name
-
-
-def image_as_png(data: bytes, filename: str, field: str) -> bytes:
-    """The image fully decoded (a truncated file fails here, not in training), as PNG bytes."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.format == "PNG":
-                return data
-            out = io.BytesIO()
-            keep = image if image.mode in ("RGB", "RGBA", "L", "LA") else image.convert("RGB")
-            keep.save(out, format="PNG")
-            return out.getvalue()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidRequest(f"{field}: {filename} is not a readable image ({e})") from e
-
-
-def _stem(filename: str, field: str) -> str:
-    stem = posixpath.splitext(filename)[0]
-    if "/" in filename or "\\" in filename or not FILE_STEM.match(stem) or stem.endswith("."):
-        raise InvalidRequest(f"{field}: {filename!r} is not a plain file name")
-    return stem
-
-
-class Datasets:
-    """Datasets under one fsspec root: `<name>/<stem>.png` + `<stem>.txt` pairs."""
-
-    def __init__(self, root: str):
-        self.fs, root_path = shared_root(root)
-        self.root = root_path.rstrip("/") or "/"
-        self._is_local = isinstance(self.fs, LocalFileSystem)
-
-    def pairs_from_json(self, upload: DatasetUpload) -> dict[str, tuple[bytes, str]]:
-        """stem -> (PNG bytes, caption), every image decoded; nothing is written."""
-        files = []
-        for index, item in enumerate(upload.images):
-            field = f"images.{index}.content"
-            content = (
-                item.content.split(",", 1)[1] if item.content.startswith("data:") else item.content
-            )
-            try:
-                data = base64.b64decode(content, validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise InvalidRequest(f"{field}: not valid base64 ({e})") from e
-            files.append((f"images.{index}", item.filename, data, item.caption))
-        return self._pairs(files)
-
-    def pairs_from_form(self, parts: list[tuple[str, str | None, bytes]]) -> dict:
-        """The same from multipart parts (field name, file name or None, bytes): image files,
-        and captions as `<stem>.txt` files or as text fields named `<stem>.txt`."""
-        captions, images = {}, []
-        for field, filename, data in parts:
-            name = filename if filename is not None else field
-            if name.lower().endswith(CAPTION_SUFFIX):
-                try:
-                    captions[_stem(name, field)] = data.decode("utf-8").strip()
-                except UnicodeDecodeError as e:
-                    raise InvalidRequest(f"{field}: {name} is not UTF-8 text") from e
-            elif filename is not None:
-                images.append((field, filename, data))
-        stems = {_stem(filename, field) for field, filename, _ in images}
-        for stem in captions:
-            if stem not in stems:
-                raise InvalidRequest(f"{stem}{CAPTION_SUFFIX}: a caption for no uploaded image")
-        files = [(f, n, d, captions.get(_stem(n, f), "")) for f, n, d in images]
-        if not files:
-            raise InvalidRequest("images: no image files in the upload")
-        if len(files) > MAX_DATASET_IMAGES:
-            raise InvalidRequest(f"images: {len(files)} files; at most {MAX_DATASET_IMAGES}")
-        return self._pairs(files)
-
-    def _pairs(self, files: list[tuple[str, str, bytes, str]]) -> dict[str, tuple[bytes, str]]:
-        pairs = {}
-        for field, filename, data, caption in files:
-            stem = _stem(filename, field)
-            if stem in pairs:
-                raise InvalidRequest(f"{field}: {filename}: another image is also named {stem}")
-            pairs[stem] = (image_as_png(data, filename, field), caption)
-        return pairs
-
-    def write(self, name: str, pairs: dict[str, tuple[bytes, str]]) -> dict:
-        """Write the dataset in one step: staged whole, then moved over any old one."""
-        target = posixpath.join(self.root, check_dataset_name(name))
-        staged = posixpath.join(self.root, STAGING_FOLDER, uuid.uuid4().hex)
-        self.fs.makedirs(staged, exist_ok=True)
-        try:
-            for stem, (png, caption) in pairs.items():
-                self.fs.pipe_file(posixpath.join(staged, stem + IMAGE_SUFFIX), png)
-                self.fs.pipe_file(posixpath.join(staged, stem + CAPTION_SUFFIX), caption.encode())
-            self._replace(staged, target)
-        finally:
-            if self.fs.exists(staged):
-                self.fs.rm(staged, recursive=True)
-        return self.describe(name)
-
-    def _replace(self, staged: str, target: str) -> None:
-        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
-        old = f"{staged}.old"
-        if self.fs.exists(target):
-            self.fs.mv(target, old, recursive=True)
-        if self._is_local:
-            os.replace(staged, target)
-        else:
-            self.fs.mv(staged, target, recursive=True)
-        if self.fs.exists(old):
-            self.fs.rm(old, recursive=True)
-
-    def describe(self, name: str) -> dict:
-        """The dataset's images (name, bytes, caption); NotFound when absent."""
-        folder = posixpath.join(self.root, check_dataset_name(name))
-        try:
-            listing = self.fs.ls(folder, detail=True)
-        except FileNotFoundError as e:
-            raise NotFound(f"dataset not found: {name}") from e
-        sizes = {posixpath.basename(i["name"]): int(i.get("size") or 0) for i in listing}
-        images = []
-        for filename in sorted(sizes):
-            if filename.endswith(IMAGE_SUFFIX):
-                caption_file = posixpath.join(folder, filename[: -len(IMAGE_SUFFIX)] + ".txt")
-                caption = ""
-                if self.fs.exists(caption_file):
-                    caption = self.fs.cat_file(caption_file).decode("utf-8", "replace")
-                images.append(
-                    {"filename": filename, "size_bytes": sizes[filename], "caption": caption}
-                )
-        return {"name": name, "images": images}
 
 
 def new_job_id() -> str:
@@ -254,49 +79,6 @@ class TrainingJobs:
         return self._client
 
     # Submission
-
-    def job_fields(self, body: object, job_id: str) -> dict:
-        """A TrainJob's fields from a client's body, with the server's paths filled in and
-        the base model's URI the served one; refusals name the field."""
-        if not isinstance(body, dict):
-            raise InvalidRequest("body: expected a JSON object")
-        for field in SERVER_FIELDS:
-            if field in body:
-                raise InvalidRequest(f"{field}: chosen by the server; leave it out")
-        family = body.get("base_model")
-        served = [m.model_uri for m in self.config.models if m.family == family]
-        model_uri = body.get("model_uri") or (served[0] if served else "")
-        if family is not None and isinstance(family, str) and served and model_uri not in served:
-            raise InvalidRequest(
-                f"model_uri: {model_uri!r} is not served here; train on a served base model "
-                f"({', '.join(served)}) or leave it out"
-            )
-        if isinstance(body.get("dataset"), str):
-            check_dataset_name(body["dataset"], "dataset")
-        for index, item in enumerate(body.get("image_urls") or []):
-            if isinstance(item, dict) and isinstance(item.get("url"), str):
-                check_url(item["url"], self.config.remote_loras, f"image_urls.{index}.url")
-        return {
-            **body,
-            "model_uri": model_uri,
-            "run_name": job_id,
-            "lora_root": self.config.lora_root,
-            "dataset_root": self.config.dataset_root,
-            "storage_path": self.config.train_storage_path,
-        }
-
-    def check(self, job: TrainJob) -> None:
-        """Refuse what would fail once workers start: a family not served here, and what the
-        job's own checks find (a family it cannot train, an empty dataset, an unreadable
-        image, ...), so a refused job never becomes a Ray job."""
-        if not any(m.family == job.base_model for m in self.config.models):
-            raise InvalidRequest(f"base_model: no {job.base_model} model is served here")
-        try:
-            check_job(job)
-        except LoraplexError as e:
-            raise InvalidRequest(_with_field(e.message)) from e
-        except (ValueError, OSError) as e:
-            raise InvalidRequest(_with_field(str(e))) from e
 
     def submit(self, job_id: str, job: TrainJob) -> dict:
         """Write the job file into the run folder and submit the run as a Ray job."""
@@ -464,12 +246,6 @@ def job_metadata(job: TrainJob) -> dict[str, str]:
         "loraplex.base_model": job.base_model,
         "loraplex.lora_name": job.output_file,
     }
-
-
-def _with_field(message: str) -> str:
-    """Dataset problems are the `dataset` field's unless the message names one already."""
-    head = message.split(":", 1)[0]
-    return message if head and " " not in head else f"dataset: {message}"
 
 
 def read_job_file(path: str) -> dict:

@@ -1,0 +1,191 @@
+"""Training datasets under `dataset_root`: what `PUT /datasets/{name}` stores and `GET` lists.
+
+A dataset is a folder of `<stem>.png` + `<stem>.txt` (caption) pairs, the layout the training
+job reads (cluster/train). Every image is decoded before anything is written, and a dataset is
+replaced in one step, so a job never sees half of an upload.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import posixpath
+import re
+import uuid
+
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field
+
+from deployments.errors import InvalidRequest, NotFound
+from deployments.storage import shared_root
+
+MAX_DATASET_IMAGES = 10_000
+MAX_NAME_CHARS = 256
+STAGING_FOLDER = ".staging"
+IMAGE_SUFFIX = ".png"
+CAPTION_SUFFIX = ".txt"
+# An uploaded file's name becomes `<stem>.png` + `<stem>.txt`: plain characters, no folders.
+FILE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.()+-]{0,127}$")
+NAME_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+
+class DatasetImage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str = Field(min_length=1, max_length=256, description="e.g. img01.jpg")
+    content: str = Field(min_length=1, description="The image file, base64.")
+    caption: str = Field(default="", max_length=4000)
+
+
+class DatasetUpload(BaseModel):
+    """`PUT /datasets/{name}` as JSON: the whole dataset; it replaces any of that name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    images: list[DatasetImage] = Field(min_length=1, max_length=MAX_DATASET_IMAGES)
+
+
+def check_dataset_name(name: str, field: str = "name") -> str:
+    """A dataset name: folders of plain parts under the dataset root, never outside it."""
+    parts = name.split("/")
+    if (
+        not name
+        or len(name) > MAX_NAME_CHARS
+        or "://" in name
+        or name.startswith("/")
+        or any(not NAME_PART.match(part) or part in (".", "..") for part in parts)
+    ):
+        raise InvalidRequest(
+            f"{field}: {name!r} is not a dataset name (relative, letters, digits, '_', '-', '.' "
+            "in each part; no '..', no absolute path, no hidden parts)"
+        )
+    return name
+
+
+def image_as_png(data: bytes, filename: str, field: str) -> bytes:
+    """The image fully decoded (a truncated file fails here, not in training), as PNG bytes."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if image.format == "PNG":
+                return data
+            out = io.BytesIO()
+            keep = image if image.mode in ("RGB", "RGBA", "L", "LA") else image.convert("RGB")
+            keep.save(out, format="PNG")
+            return out.getvalue()
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise InvalidRequest(f"{field}: {filename} is not a readable image ({e})") from e
+
+
+def _stem(filename: str, field: str) -> str:
+    stem = posixpath.splitext(filename)[0]
+    if "/" in filename or "\\" in filename or not FILE_STEM.match(stem) or stem.endswith("."):
+        raise InvalidRequest(f"{field}: {filename!r} is not a plain file name")
+    return stem
+
+
+class Datasets:
+    """Datasets under one fsspec root: `<name>/<stem>.png` + `<stem>.txt` pairs."""
+
+    def __init__(self, root: str):
+        self.fs, root_path = shared_root(root)
+        self.root = root_path.rstrip("/") or "/"
+        self._is_local = isinstance(self.fs, LocalFileSystem)
+
+    def pairs_from_json(self, upload: DatasetUpload) -> dict[str, tuple[bytes, str]]:
+        """stem -> (PNG bytes, caption), every image decoded; nothing is written."""
+        files = []
+        for index, item in enumerate(upload.images):
+            field = f"images.{index}.content"
+            content = (
+                item.content.split(",", 1)[1] if item.content.startswith("data:") else item.content
+            )
+            try:
+                data = base64.b64decode(content, validate=True)
+            except (binascii.Error, ValueError) as e:
+                raise InvalidRequest(f"{field}: not valid base64 ({e})") from e
+            files.append((f"images.{index}", item.filename, data, item.caption))
+        return self._pairs(files)
+
+    def pairs_from_form(self, parts: list[tuple[str, str | None, bytes]]) -> dict:
+        """The same from multipart parts (field name, file name or None, bytes): image files,
+        and captions as `<stem>.txt` files or as text fields named `<stem>.txt`."""
+        captions, images = {}, []
+        for field, filename, data in parts:
+            name = filename if filename is not None else field
+            if name.lower().endswith(CAPTION_SUFFIX):
+                try:
+                    captions[_stem(name, field)] = data.decode("utf-8").strip()
+                except UnicodeDecodeError as e:
+                    raise InvalidRequest(f"{field}: {name} is not UTF-8 text") from e
+            elif filename is not None:
+                images.append((field, filename, data))
+        stems = {_stem(filename, field) for field, filename, _ in images}
+        for stem in captions:
+            if stem not in stems:
+                raise InvalidRequest(f"{stem}{CAPTION_SUFFIX}: a caption for no uploaded image")
+        files = [(f, n, d, captions.get(_stem(n, f), "")) for f, n, d in images]
+        if not files:
+            raise InvalidRequest("images: no image files in the upload")
+        if len(files) > MAX_DATASET_IMAGES:
+            raise InvalidRequest(f"images: {len(files)} files; at most {MAX_DATASET_IMAGES}")
+        return self._pairs(files)
+
+    def _pairs(self, files: list[tuple[str, str, bytes, str]]) -> dict[str, tuple[bytes, str]]:
+        pairs = {}
+        for field, filename, data, caption in files:
+            stem = _stem(filename, field)
+            if stem in pairs:
+                raise InvalidRequest(f"{field}: {filename}: another image is also named {stem}")
+            pairs[stem] = (image_as_png(data, filename, field), caption)
+        return pairs
+
+    def write(self, name: str, pairs: dict[str, tuple[bytes, str]]) -> dict:
+        """Write the dataset in one step: staged whole, then moved over any old one."""
+        target = posixpath.join(self.root, check_dataset_name(name))
+        staged = posixpath.join(self.root, STAGING_FOLDER, uuid.uuid4().hex)
+        self.fs.makedirs(staged, exist_ok=True)
+        try:
+            for stem, (png, caption) in pairs.items():
+                self.fs.pipe_file(posixpath.join(staged, stem + IMAGE_SUFFIX), png)
+                self.fs.pipe_file(posixpath.join(staged, stem + CAPTION_SUFFIX), caption.encode())
+            self._replace(staged, target)
+        finally:
+            if self.fs.exists(staged):
+                self.fs.rm(staged, recursive=True)
+        return self.describe(name)
+
+    def _replace(self, staged: str, target: str) -> None:
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        old = f"{staged}.old"
+        if self.fs.exists(target):
+            self.fs.mv(target, old, recursive=True)
+        if self._is_local:
+            os.replace(staged, target)
+        else:
+            self.fs.mv(staged, target, recursive=True)
+        if self.fs.exists(old):
+            self.fs.rm(old, recursive=True)
+
+    def describe(self, name: str) -> dict:
+        """The dataset's images (name, bytes, caption); NotFound when absent."""
+        folder = posixpath.join(self.root, check_dataset_name(name))
+        try:
+            listing = self.fs.ls(folder, detail=True)
+        except FileNotFoundError as e:
+            raise NotFound(f"dataset not found: {name}") from e
+        sizes = {posixpath.basename(i["name"]): int(i.get("size") or 0) for i in listing}
+        images = []
+        for filename in sorted(sizes):
+            if filename.endswith(IMAGE_SUFFIX):
+                caption_file = posixpath.join(folder, filename[: -len(IMAGE_SUFFIX)] + ".txt")
+                caption = ""
+                if self.fs.exists(caption_file):
+                    caption = self.fs.cat_file(caption_file).decode("utf-8", "replace")
+                images.append(
+                    {"filename": filename, "size_bytes": sizes[filename], "caption": caption}
+                )
+        return {"name": name, "images": images}

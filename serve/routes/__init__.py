@@ -1,0 +1,1 @@
+"""The ingress's HTTP routes, one FastAPI APIRouter per concern; serve/ingress.py includes them."""

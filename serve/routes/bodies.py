@@ -1,0 +1,64 @@
+"""Request bodies read within their limit: raw, JSON, or multipart parts.
+
+The ingress's middleware refuses a body whose declared length is over the limit; a chunked body
+declares none, so these count as they read.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from deployments.errors import InvalidRequest, TooLarge
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The raw body, refused as soon as it passes `max_bytes`."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise TooLarge(f"body: over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, max_bytes: int) -> object:
+    body = await request.body()
+    if len(body) > max_bytes:
+        raise TooLarge(f"body: {len(body)} bytes is over the limit of {max_bytes}")
+    return parse_json(body)
+
+
+def parse_json(body: bytes) -> object:
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidRequest(f"body: not valid JSON ({e})") from e
+
+
+async def form_parts(
+    request: Request, body: bytes, max_parts: int
+) -> list[tuple[str, str | None, bytes]]:
+    """A multipart body (already read within the limit) as (field, file name or None, bytes);
+    at most `max_parts` files and as many plain fields."""
+
+    async def stream():
+        yield body
+
+    parser = MultiPartParser(request.headers, stream(), max_files=max_parts, max_fields=max_parts)
+    try:
+        form = await parser.parse()
+    except MultiPartException as e:
+        raise InvalidRequest(f"body: not valid multipart ({e.message})") from e
+    parts = []
+    for field, value in form.multi_items():
+        if isinstance(value, UploadFile):
+            parts.append((field, value.filename or field, await value.read()))
+        else:
+            parts.append((field, None, value.encode()))
+    await form.close()
+    return parts

@@ -1,0 +1,222 @@
+"""`/loras`: list, upload (whole or resumable), merge and delete the files under the LoRA root.
+
+A file becomes visible only once a served model has accepted it (its replica loads it as a
+check), and only under a name not taken unless the request says overwrite.
+
+Upload routes come first: `/loras/uploads/<id>` would also match `/loras/{name:path}`. Upload ids
+never end in .safetensors and names always do, so a file in a sub-folder named `uploads` is still
+reachable (the upload routes hand it over).
+"""
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from deployments.errors import (
+    Conflict,
+    InvalidRequest,
+    LoraIncompatible,
+    LoraplexError,
+    TooLarge,
+)
+from deployments.family import FAMILY_NAMES
+from deployments.loras.files import parse_lora_file
+from deployments.loras.formats import inspect_lora
+from deployments.loras.store import LORA_SUFFIX
+from serve.config import AppConfig
+from serve.loras.merge_request import MergeRequest
+from serve.loras.uploads import UploadStart, checked_target, with_metadata
+from serve.routes.bodies import read_body, read_json
+from serve.routes.services import Services, ServicesDep, replica_error
+from serve.validation import validated
+
+router = APIRouter()
+
+
+@router.get("/loras")
+async def list_loras(services: ServicesDep, family: str | None = None) -> dict:
+    """Every file under the LoRA root: size, sha256, format, family, rank, alpha, targets,
+    trigger words. `?family=` keeps one family's files."""
+    if family is not None and family not in FAMILY_NAMES:
+        raise InvalidRequest(f"family: unknown {family!r}; expected one of {FAMILY_NAMES}")
+    return {"loras": await asyncio.to_thread(services.catalog.entries, family)}
+
+
+@router.post("/loras/uploads", status_code=201)
+async def start_upload(request: Request, services: ServicesDep) -> dict:
+    """Begin a resumable upload: `{filename, total_size, sha256, metadata}` -> upload_id."""
+    start = validated(UploadStart, await read_json(request, services.config.max_body_bytes))
+    _check_family(start.family, services.config)
+    await asyncio.to_thread(_check_free, services, start.filename, start.overwrite, "filename")
+    state = await asyncio.to_thread(services.uploads.start, start)
+    return services.uploads.describe(state)
+
+
+@router.get("/loras/uploads/{upload_id}")
+async def upload_state(upload_id: str, services: ServicesDep) -> dict:
+    """The upload's offset: where an interrupted client resumes."""
+    return services.uploads.describe(await asyncio.to_thread(services.uploads.state, upload_id))
+
+
+@router.put("/loras/uploads/{upload_id}")
+async def upload_chunk(
+    upload_id: str,
+    request: Request,
+    services: ServicesDep,
+    offset: int | None = None,
+    family: str | None = None,
+    overwrite: bool = False,
+) -> Response:
+    """One chunk at `?offset=N`, which must equal the bytes received so far (409 with the
+    expected offset otherwise). A chunk is one request body, so at most max_body_bytes."""
+    if upload_id.endswith(LORA_SUFFIX):
+        entry = await put_lora(f"uploads/{upload_id}", request, services, family, overwrite)
+        return JSONResponse(entry, status_code=201)
+    if offset is None:
+        raise InvalidRequest("offset: required (the bytes received so far)")
+    chunk = await read_body(request, services.config.max_body_bytes)
+    state = await asyncio.to_thread(services.uploads.append, upload_id, offset, chunk)
+    return JSONResponse(services.uploads.describe(state))
+
+
+@router.post("/loras/uploads/{upload_id}/complete", status_code=201)
+async def complete_upload(upload_id: str, services: ServicesDep) -> dict:
+    """Check size and sha256, validate against the family's model, publish atomically.
+    Any refusal discards the upload: nothing is published."""
+    state, data = await asyncio.to_thread(services.uploads.assemble, upload_id)
+    start = state.start
+    try:
+        await _validate(services, data, start.filename, start.family)
+        data = with_metadata(data, start.file_metadata(), start.filename)
+        entry = await _publish(services, data, start.filename, start.overwrite, "filename")
+    except LoraplexError:
+        await asyncio.to_thread(services.uploads.remove, upload_id)
+        raise
+    await asyncio.to_thread(services.uploads.remove, upload_id)
+    return entry
+
+
+@router.delete("/loras/uploads/{upload_id}")
+async def abort_upload(upload_id: str, services: ServicesDep) -> dict:
+    """Abandon an upload and remove what it staged."""
+    if upload_id.endswith(LORA_SUFFIX):
+        return await delete_lora(f"uploads/{upload_id}", services)
+    await asyncio.to_thread(services.uploads.state, upload_id)  # 404 when unknown
+    await asyncio.to_thread(services.uploads.remove, upload_id)
+    return {"aborted": upload_id}
+
+
+@router.post("/loras/merge", status_code=201)
+async def merge_loras(request: Request, services: ServicesDep) -> dict:
+    """`{inputs: [{name, ratio}], output}`: one file that, at strength 1, applies what the
+    stack of the inputs at their ratios does."""
+    config, store, catalog = services.config, services.store, services.catalog
+    merge = validated(MergeRequest, await read_json(request, config.max_body_bytes))
+    _check_family(merge.family, config)
+    await asyncio.to_thread(_check_free, services, merge.output, merge.overwrite, "output")
+    refs = [await asyncio.to_thread(store.resolve, item.name) for item in merge.inputs]
+    entries = [await asyncio.to_thread(catalog.entry_of, ref) for ref in refs]
+    for entry in entries:
+        if entry["error"]:
+            raise LoraIncompatible(entry["error"])
+    detected = [(e["name"], e["family"]) for e in entries if e["family"]]
+    for name, family in detected[1:]:
+        if family != detected[0][1]:
+            raise InvalidRequest(
+                f"inputs: {detected[0][0]} is a {detected[0][1]} LoRA and {name} a {family} "
+                "LoRA; merge files of one family"
+            )
+    trigger_words = list(dict.fromkeys(w for e in entries for w in e["trigger_words"]))
+    inputs = [(ref.key, item.ratio) for ref, item in zip(refs, merge.inputs, strict=True)]
+    data = await _on_compatible_model(
+        services,
+        merge.family or (detected[0][1] if detected else None),
+        merge.output,
+        lambda handle: handle.merge_loras.remote(inputs, trigger_words),
+    )
+    if len(data) > config.max_lora_bytes:
+        raise TooLarge(
+            f"output: the merged file is {len(data)} bytes, over the limit of "
+            f"{config.max_lora_bytes}"
+        )
+    return await _publish(services, data, merge.output, merge.overwrite, "output")
+
+
+@router.put("/loras/{name:path}", status_code=201)
+async def put_lora(
+    name: str,
+    request: Request,
+    services: ServicesDep,
+    family: str | None = None,
+    overwrite: bool = False,
+) -> dict:
+    """Upload one file (the body, at most max_body_bytes). It becomes visible only once
+    validated; `?family=` validates against that family, `?overwrite=true` replaces."""
+    name = checked_target(name, "name")
+    _check_family(family, services.config)
+    await asyncio.to_thread(_check_free, services, name, overwrite, "name")
+    limit = min(services.config.max_body_bytes, services.config.max_lora_bytes)
+    data = await read_body(request, limit)
+    await _validate(services, data, name, family)
+    return await _publish(services, data, name, overwrite, "name")
+
+
+@router.delete("/loras/{name:path}")
+async def delete_lora(name: str, services: ServicesDep) -> dict:
+    """Remove a file (404 when absent). Requests naming it afterwards get 404."""
+    ref = await asyncio.to_thread(services.store.delete, name)
+    return {"deleted": ref.name}
+
+
+def _check_family(family: str | None, config: AppConfig) -> None:
+    if family is None:
+        return
+    if family not in FAMILY_NAMES:
+        raise InvalidRequest(f"family: unknown {family!r}; expected one of {FAMILY_NAMES}")
+    if not any(model.family == family for model in config.models):
+        raise InvalidRequest(f"family: no {family} model is served here")
+
+
+def _check_free(services: Services, name: str, overwrite: bool, field: str) -> None:
+    if not overwrite and services.store.exists(name):
+        raise Conflict(f"{field}: {name} already exists; set overwrite=true to replace it")
+
+
+async def _validate(services: Services, data: bytes, name: str, family: str | None) -> None:
+    """Accept the file only if a served model takes it: the pinned family's, else the
+    detected family's, else the first model of any family whose keys it matches."""
+    tensors, metadata = await asyncio.to_thread(parse_lora_file, data, name)
+    detected = inspect_lora(tensors, metadata).family
+    await _on_compatible_model(
+        services, family or detected, name, lambda handle: handle.check_lora.remote(data, name)
+    )
+
+
+async def _on_compatible_model(services: Services, family: str | None, name: str, call):
+    """`call(handle)` on the first model of `family` (any model when None) that does not
+    refuse the file(s) as incompatible; the refusal when every one does."""
+    models = [m for m in services.config.models if family is None or m.family == family]
+    if not models:
+        raise LoraIncompatible(
+            f"Failed to load LoRA: {name}: a {family} LoRA, and no {family} model is served"
+        )
+    refusals = []
+    for model in models:
+        try:
+            return await call(services.handles[model.name])
+        except LoraIncompatible as e:
+            refusals.append(replica_error(e))
+    if len(refusals) == 1:
+        raise refusals[0]
+    tried = ", ".join(model.name for model in models)
+    raise LoraIncompatible(
+        f"Failed to load LoRA: {name}: no served model accepts it (tried {tried}); "
+        f"{models[0].name}: {refusals[0].message.split(': ', 2)[-1]}"
+    )
+
+
+async def _publish(services: Services, data: bytes, name: str, overwrite: bool, field: str) -> dict:
+    await asyncio.to_thread(_check_free, services, name, overwrite, field)
+    ref = await asyncio.to_thread(services.store.write, name, data)
+    return await asyncio.to_thread(services.catalog.remember, ref, data)
