@@ -7,6 +7,7 @@ import functools
 
 import torch
 
+from tests.lora_formats import WAN_ORIGINAL_NAMES
 from tests.trainer_layouts_base import (
     A_B,
     ALPHA,
@@ -188,18 +189,7 @@ def _zimage_layouts() -> list[Layout]:
 
 # The original Wan model's module names in a block -> diffusers' (musubi-tuner, ComfyUI and
 # ai-toolkit's convert_to_original use the former).
-WAN_NAMES = {
-    "self_attn.q": "attn1.to_q",
-    "self_attn.k": "attn1.to_k",
-    "self_attn.v": "attn1.to_v",
-    "self_attn.o": "attn1.to_out.0",
-    "cross_attn.q": "attn2.to_q",
-    "cross_attn.k": "attn2.to_k",
-    "cross_attn.v": "attn2.to_v",
-    "cross_attn.o": "attn2.to_out.0",
-    "ffn.0": "ffn.net.0.proj",
-    "ffn.2": "ffn.net.2",
-}
+WAN_NAMES = WAN_ORIGINAL_NAMES
 
 
 def wan_targets(pipe, name) -> list[Target]:
