@@ -2,11 +2,13 @@
 
 Serve's default router sends a request for an adapter to a replica that reports holding it,
 and a request for an adapter no replica reports to a replica with the fewest adapters. A
-replica reports an adapter only once its load has finished (and the report has reached the
-router), so while the first load of an adapter is under way, a second request for it finds
-no holder, falls back to the fewest-adapters replicas, and may load the same adapter on
-another replica: a burst of requests for a new adapter loads it on several replicas, each
-load evicting something hot there.
+replica reports an adapter once its load starts (Serve's multiplexer counts loads under way,
+ray/serve/multiplex.py `_get_loading_and_loaded_model_ids`), but a loraplex replica starts a
+load only when the request reaches the front of its queue (loads and generations share one
+lock), and the report then reaches the routers through Serve's controller. Until then a second
+request for the adapter finds no holder, falls back to the fewest-adapters replicas, and may
+load the same adapter on another replica: a burst of requests for a new adapter loads it on
+several replicas, each load evicting something hot there.
 
 This router keeps Serve's order of preference (holders first) and closes that window: the
 first request for an adapter no replica holds places it on one replica, chosen by the fewest
@@ -19,29 +21,32 @@ loadtest.affinity --ingress-replicas 2`). So a router claims its placement in th
 registry actor (`serve.registry.PlacementClaims`), where the first claim for an adapter wins
 and the others take it: one actor call for the first request for a new adapter in each router,
 beside a load that takes far longer. When the registry does not answer within
-`CLAIM_TIMEOUT_S`, the router's own placement stands. A replica chosen for an adapter is handed
-only to a request for that adapter (`_fulfill_next_pending_request`), and other replicas come
-in only once the preferred ones are full.
+`CLAIM_TIMEOUT_S`, the router's own placement stands. Other replicas come in only once the
+preferred ones are full.
 
 A hot adapter spreads: when every replica holding it has at least `spread_queue_gap` more
 requests in flight than the least busy other replica, the request goes to that other replica,
 which loads the adapter too (a slot load costs far less than waiting behind several
-generations). Only adapters a replica has reported spread; a first load under way does not, or
-a burst for a new adapter would load it everywhere. A request counts on a replica from the
-moment it is handed that replica, before Serve sends it, so the requests of a burst, decided
-one after another, see each other: 12 at once for an adapter one of 2 replicas holds go 8 and
-4. Requests without an adapter are routed exactly as Serve's default router routes them.
+generations). Only adapters a replica reports spread; a placement whose load has not started
+does not, or a burst for a new adapter would load it everywhere. A request counts on a replica
+from the moment it is handed that replica, before Serve sends it, so the requests of a burst,
+decided one after another, see each other: 12 at once for an adapter one of 2 replicas holds
+go 8 and 4. Requests without an adapter go by Serve's default policy: its locality preference,
+then the less loaded of two random replicas.
 
-Written here because Serve's request-router API (`RequestRouter`, public since Ray 2.46) takes
-the policy as a class and ships no policy that remembers where it sent an adapter. It builds on
-Serve's power-of-two-choices router and overrides one private method of it
-(`_fulfill_next_pending_request`); tests/test_adapter_routing.py covers both against the Ray
-installed. That override drops a choice no request for its adapter wants, which is safe only
-where Serve's routing task then goes on routing its own request, as it does from Ray 2.60 (before,
-Serve's source shows the task stopping there). Under Ray 2.57 the burst test's requests timed
-out, and under 2.59 the routing tests had not ended after 500 s. So the router is used only
-under the Ray minor versions it was tested with (`ROUTER_RAY_VERSIONS`); under any other,
-`serve.app` leaves Serve's default router.
+Written on Serve's public request-router API (`ray.serve.request_router`): `choose_replicas`
+ranks the replicas, the lifecycle hooks (`on_send_request`, `on_request_completed`,
+`on_new_queue_len_info`, `on_replica_actor_died`) keep the counts, and the replicas'
+`multiplexed_model_ids` and the router's `replica_queue_len_cache` are read. It takes no
+`FIFOMixin`: without it Serve hands the replica a routing task finds to the very request it
+was found for, so a replica chosen for an adapter never goes to a request for another one
+(Serve's FIFO policy would hand it to the oldest pending request of any adapter, which would
+then load its adapter there). `LocalityMixin` gives requests without adapter Serve's locality
+preference. tests/test_adapter_routing.py covers the router against the Ray installed. It needs
+Ray 2.60: before, a routing task could give up a request it had taken, which only a FIFO
+router's other tasks would serve (under Ray 2.59 and 2.58 a request of a burst waited for
+ever). So it is used under the Ray minor versions it was tested with (`ROUTER_RAY_VERSIONS`, as
+pyproject.toml pins), and under any other `serve.app` leaves Serve's default router.
 """
 
 from __future__ import annotations
@@ -49,17 +54,22 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import random
 import time
-from collections import Counter, OrderedDict, deque
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 
-from ray.serve._private.common import RequestMetadata
-from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
-from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+from ray.serve.request_router import (
+    LocalityMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
 
 from serve.registry import drop_stale, registry_for
 
-# The Ray minor versions whose private routing internals this router was tested against.
+# The Ray minor versions this router's tests passed under (pyproject.toml's range).
 ROUTER_RAY_VERSIONS = ("2.60",)
 
 # How long a router waits for the registry's answer to a claim before its own placement stands.
@@ -73,8 +83,8 @@ MAX_PLACEMENTS = 4096
 # More requests in flight on every holder of an adapter than on the least busy other replica,
 # from which the adapter spreads there: 4 generations' wait against one slot load.
 DEFAULT_SPREAD_QUEUE_GAP = 4
-# A replica handed to a request is sent it within a turn or two of the event loop; a pick not
-# sent by then (its caller went away) stops counting.
+# A replica handed to a request is sent it within a turn or two of the event loop; a request
+# not sent this long after the router last chose for it (its caller went away) stops counting.
 PICK_TTL_S = 5.0
 # How long a replica's count of its requests (every router's), from its answer to one of this
 # router's sends or probes, stays part of this router's count. Serve keeps the number in its
@@ -121,7 +131,15 @@ def with_id(replicas: Iterable[RunningReplica], unique_id: str) -> RunningReplic
     return next((r for r in replicas if r.replica_id.unique_id == unique_id), None)
 
 
-class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
+def handed_replica(request: PendingRequest) -> ReplicaID | None:
+    """The replica Serve has handed a pending request (its future's result), if any yet."""
+    future = request.future
+    if not future.done() or future.cancelled() or future.exception() is not None:
+        return None
+    return future.result().replica_id
+
+
+class AdapterAffinityRouter(LocalityMixin, RequestRouter):
     """See the module docstring. Serve builds one per deployment handle, in the process that
     holds the handle (the ingress replica), and calls it on that process's event loop."""
 
@@ -133,9 +151,10 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
             raise ValueError(f"spread_queue_gap must be at least 1, not {spread_queue_gap}")
         self._spread_queue_gap = spread_queue_gap
         self._in_flight: Counter[ReplicaID] = Counter()
-        # Per replica, when requests were handed it and not yet sent: the router counts them as
-        # its requests (`_fulfill_next_pending_request`).
-        self._picked: dict[ReplicaID, deque[float]] = {}
+        # Requests this router chose replicas for and has not seen sent, oldest first:
+        # id(request) -> (request, monotonic time last chosen for). Those Serve has handed a
+        # replica (their future is done) count there until `on_send_request`.
+        self._routing: dict[int, tuple[PendingRequest, float]] = {}
         # Per replica, when it last answered with its count of requests (monotonic time).
         self._reported_at: dict[ReplicaID, float] = {}
         # adapter key -> (replica id, monotonic time placed), oldest first
@@ -149,15 +168,18 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
-        adapter_key = pending_request.metadata.multiplexed_model_id if pending_request else ""
-        if not adapter_key or len(candidate_replicas) < 2:
-            # Nothing to choose between: Serve's own policy, unchanged.
-            return await super().choose_replicas(candidate_replicas, pending_request)
+        if pending_request is None:  # Serve asks for no request from Ray 2.60 on
+            return self._two_choices(candidate_replicas, None)
+        self._track(pending_request)
+        adapter_key = pending_request.metadata.multiplexed_model_id
+        if not adapter_key:
+            return self._two_choices(candidate_replicas, pending_request)
         # Ranks are tried in order, each replica's queue bound checked; when none accepts,
         # Serve backs off and asks again (without this flag it would ask again at once).
         pending_request.routing_context.should_backoff = True
-        holder_ids = self._multiplexed_model_id_to_replica_ids.get(adapter_key, set())
-        holders = [r for r in candidate_replicas if r.replica_id in holder_ids]
+        if len(candidate_replicas) < 2:
+            return [candidate_replicas] if candidate_replicas else []
+        holders = [r for r in candidate_replicas if adapter_key in r.multiplexed_model_ids]
         if holders:
             self._placements.pop(adapter_key, None)
             preferred = holders
@@ -166,43 +188,36 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         others = [r for r in candidate_replicas if r not in preferred]
         if holders and others and self._crowded(holders, others):
             return [others, holders]
-        # Serve tries the ranks in turn, and a routing task that hands its choice to another
-        # pending request goes on to the next rank for its own: so the other replicas come in
-        # only once every preferred one is known to be full. Then the request goes to the
-        # least loaded other one: loading an adapter costs less than queueing behind whole
-        # generations. An unknown queue is probed (rank one alone), and a full one is known
-        # from then on.
+        # Serve tries the ranks in turn: the other replicas come in only once every preferred
+        # one is known to be full, and then the request goes to the least loaded other one:
+        # loading an adapter costs less than queueing behind whole generations. An unknown
+        # queue is probed (rank one alone), and a full one is known from then on.
         if all(self._full(r) for r in preferred):
             return [preferred, others]
         return [preferred]
 
-    def _full(self, replica: RunningReplica) -> bool:
-        in_flight = self._replica_queue_len_cache.get(replica.replica_id)
-        return in_flight is not None and in_flight >= replica.max_ongoing_requests
+    def _track(self, request: PendingRequest) -> None:
+        """Note a request chosen for (again: to the end), dropping those not chosen for
+        within `PICK_TTL_S` from the front."""
+        now = time.monotonic()
+        self._routing.pop(id(request), None)
+        self._routing[id(request)] = (request, now)
+        while now - next(iter(self._routing.values()))[1] >= PICK_TTL_S:
+            del self._routing[next(iter(self._routing))]
 
-    def _fulfill_next_pending_request(
-        self, replica: RunningReplica, request_metadata: RequestMetadata | None = None
-    ) -> None:
-        """Hand a replica chosen for a request to a pending request that wants it. Serve's
-        FIFO policy hands it to the oldest request for the same adapter, and when none is left
-        (another routing task served them meanwhile), to the oldest pending request of any
-        adapter, which then loads its adapter on a replica chosen for another: the duplicate
-        loads this router exists to avoid. Here a replica chosen for an adapter goes only to a
-        request for that adapter, and one chosen for a request without adapter only to that
-        request (Serve's base policy); an unused choice is dropped and routing goes on."""
-        waiting = len(self._pending_requests_by_id)
-        if len(self._replicas) < 2:
-            super()._fulfill_next_pending_request(replica, request_metadata)  # one choice only
-        elif request_metadata is None or not request_metadata.multiplexed_model_id:
-            RequestRouter._fulfill_next_pending_request(self, replica, request_metadata)
-        elif self._get_pending_request_matching_multiplexed_model_id(request_metadata):
-            super()._fulfill_next_pending_request(replica, request_metadata)
-        # Serve's routing tasks decide one request after another without yielding to the
-        # tasks that send them, so a burst's requests were all decided against counts taken
-        # before any of them was sent. A request counts from the moment it is handed a
-        # replica (Serve drops it from its pending index then) until `on_send_request`.
-        if len(self._pending_requests_by_id) < waiting:
-            self._picked.setdefault(replica.replica_id, deque()).append(time.monotonic())
+    def _two_choices(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None
+    ) -> list[list[RunningReplica]]:
+        """Serve's default policy for a request without adapter: replicas on this node (or
+        zone) first where Serve is set to prefer them, then two at random, of which Serve takes
+        the one with the shorter queue."""
+        local_ids = self.apply_locality_routing(pending_request)
+        candidates = [r for r in candidate_replicas if r.replica_id in local_ids]
+        return [random.sample(candidates, min(2, len(candidates)))] if candidates else []
+
+    def _full(self, replica: RunningReplica) -> bool:
+        in_flight = self.replica_queue_len_cache.get(replica.replica_id)
+        return in_flight is not None and in_flight >= replica.max_ongoing_requests
 
     def _crowded(self, holders: list[RunningReplica], others: list[RunningReplica]) -> bool:
         """Whether every holder has `spread_queue_gap` more requests in flight than the least
@@ -221,43 +236,57 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         all routers, plus this router's sends and completions since. The larger: with several
         ingress replicas the own count alone would spread an adapter only once each router had
         the whole gap on its own; but only a count heard within `REPORT_FRESH_S`. Plus the
-        requests handed the replica and not yet sent."""
+        requests handed the replica and not yet sent: Serve's routing tasks decide a burst's
+        requests one after another without yielding to the tasks that send them, so without
+        these the whole burst would be decided against the same counts."""
         own = self._in_flight.get(replica_id, 0)
-        reported = self._replica_queue_len_cache.get(replica_id)
+        reported = self.replica_queue_len_cache.get(replica_id)
         heard_s_ago = time.monotonic() - self._reported_at.get(replica_id, -math.inf)
         sent = own if reported is None or heard_s_ago >= REPORT_FRESH_S else max(own, reported)
-        picks = self._picked.get(replica_id)
-        if picks:
-            stale_before = time.monotonic() - PICK_TTL_S
-            while picks and picks[0] < stale_before:
-                picks.popleft()
-        return sent + (len(picks) if picks else 0)
+        return sent + self._handed_not_sent().get(replica_id, 0)
+
+    def _handed_not_sent(self) -> Counter[ReplicaID]:
+        """Per replica, the requests Serve has handed it and not yet sent (dropping those
+        cancelled, or not chosen for within `PICK_TTL_S`: their callers went away)."""
+        stale_before = time.monotonic() - PICK_TTL_S
+        handed: Counter[ReplicaID] = Counter()
+        for key, (request, chosen_at) in list(self._routing.items()):
+            if chosen_at < stale_before or request.future.cancelled():
+                del self._routing[key]
+            elif (replica_id := handed_replica(request)) is not None:
+                handed[replica_id] += 1
+        return handed
 
     # This router's own count of its requests in flight per replica. Serve's queue-length
     # cache alone would not do: the replicas' answers to each send overwrite it with counts
     # that lag (a debug log of the spreading test showed 1 to 3 while 12 requests were
     # outstanding on one replica).
-    def on_send_request(self, replica_id: ReplicaID) -> None:
-        super().on_send_request(replica_id)
-        self._in_flight[replica_id] += 1
-        picks = self._picked.get(replica_id)
-        if picks:
-            picks.popleft()  # now counted as sent
+    def on_send_request(self, replica_id: ReplicaID, *args, **kwargs) -> None:
+        super().on_send_request(replica_id, *args, **kwargs)
+        self._count_sent(replica_id)
 
-    def on_new_queue_len_info(self, replica_id: ReplicaID, num_ongoing_requests: int) -> None:
-        super().on_new_queue_len_info(replica_id, num_ongoing_requests)
+    def _count_sent(self, replica_id: ReplicaID) -> None:
+        """A request sent: in the own count from now on, and no longer as one of the requests
+        handed that replica (which one does not change the counts)."""
+        self._in_flight[replica_id] += 1
+        for key, (request, _) in self._routing.items():
+            if handed_replica(request) == replica_id:
+                del self._routing[key]
+                break
+
+    def on_new_queue_len_info(self, replica_id: ReplicaID, *args, **kwargs) -> None:
+        super().on_new_queue_len_info(replica_id, *args, **kwargs)
         self._reported_at[replica_id] = time.monotonic()
 
-    def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
-        super().on_request_completed(replica_id, internal_request_id)
+    def on_request_completed(self, replica_id: ReplicaID, *args, **kwargs) -> None:
+        super().on_request_completed(replica_id, *args, **kwargs)
         # Serve also reports a request that failed before it was sent: never below zero.
         if self._in_flight.get(replica_id, 0) > 0:
             self._in_flight[replica_id] -= 1
 
-    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
-        super().on_replica_actor_died(replica_id)
+    def on_replica_actor_died(self, replica_id: ReplicaID, *args, **kwargs) -> None:
+        super().on_replica_actor_died(replica_id, *args, **kwargs)
         self._in_flight.pop(replica_id, None)
-        self._picked.pop(replica_id, None)
         self._reported_at.pop(replica_id, None)
 
     async def _placed(self, adapter_key: str, replicas: list[RunningReplica]) -> RunningReplica:
@@ -289,10 +318,11 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         # Adapters placed but not yet reported count where they were placed, and so do those
         # whose claims are still out, so a burst of new adapters (routed side by side while the
         # registry answers) spreads over the replicas instead of all going to one.
+        reported = {key for r in replicas for key in r.multiplexed_model_ids}
         placed_counts = Counter(
             replica_id.unique_id
             for key, (replica_id, _) in self._placements.items()
-            if not self._multiplexed_model_id_to_replica_ids.get(key)
+            if key not in reported
         )
         placed_counts.update(
             proposed.replica_id.unique_id for _, proposed in self._claims_in_flight.values()
@@ -318,9 +348,12 @@ class AdapterAffinityRouter(PowerOfTwoChoicesRequestRouter):
         candidate_ids = [r.replica_id.unique_id for r in replicas]
         try:
             if self._registry is None:
-                self._registry = registry_for(self._deployment_id.app_name)
+                self._registry = registry_for(self.app_name)
             call = self._registry.claim_placement.remote(
-                self._deployment_id.name, adapter_key, replica.replica_id.unique_id, candidate_ids
+                replica.replica_id.deployment_id.name,
+                adapter_key,
+                replica.replica_id.unique_id,
+                candidate_ids,
             )
             return await asyncio.wait_for(call, CLAIM_TIMEOUT_S)
         except Exception:  # the registry gone or slow: this router's own placement stands

@@ -19,7 +19,7 @@ def model_deployment() -> serve.Deployment:
     """DiffusionDeployment as a Serve deployment, routed by adapter (serve/adapter_router.py).
     A Serve config's `deployments:` entry may still override any option, the router too.
     Under a Ray the router was not tested with, Serve's default router, with a warning: the
-    router overrides Serve internals that change between versions (see its module)."""
+    router needs Serve's routing loop of Ray 2.60 (see its module)."""
     if not router_supported(ray.__version__):
         logging.getLogger(__name__).warning(
             "Ray %s: routing by adapter needs Ray %s; using Serve's default router",

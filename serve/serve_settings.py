@@ -10,21 +10,27 @@ calls (`RAY_SERVE_USE_GRPC_BY_DEFAULT`). Under that gRPC data plane, in Ray 2.60
     adapters already hot on one replica to the other one, which loaded them again.
 Both were seen with Serve's own settings and loraplex's tests, not guessed. So the ingress, the
 one caller of the model deployments, refuses to start under it, with a message that says how to
-keep the mode's other parts. Where Ray moves this constant, the check reads the data plane as
-off (the ray version is pinned in pyproject.toml; ROUTER_RAY_VERSIONS tracks it).
+keep the mode's other parts.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 from deployments.errors import UnsupportedServeSetting
 
 
-def grpc_data_plane_on() -> bool:
-    """Whether this process's Serve handles send requests over gRPC (Serve reads its settings
-    from the environment when it is imported, in each process)."""
-    from ray.serve._private import constants
-
-    return bool(getattr(constants, "RAY_SERVE_USE_GRPC_BY_DEFAULT", False))
+def grpc_data_plane_on(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether Serve's handles in a process with this environment send requests over gRPC.
+    Read as Ray 2.60 reads it (`ray/serve/_private/constants.py`): Serve exposes no public
+    setting for it, so the environment variables are read here rather than its private module:
+    on with RAY_SERVE_USE_GRPC_BY_DEFAULT=1, or with RAY_SERVE_THROUGHPUT_OPTIMIZED=1 unless
+    RAY_SERVE_USE_GRPC_BY_DEFAULT says otherwise."""
+    explicit = environ.get("RAY_SERVE_USE_GRPC_BY_DEFAULT")
+    if environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0") == "1":
+        return (explicit or "1") == "1"
+    return explicit == "1"
 
 
 def check_serve_settings(grpc_on: bool | None = None) -> None:

@@ -15,10 +15,12 @@ import concurrent.futures
 import contextlib
 import functools
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import httpx
 import pytest
+from ray.serve.request_router import FIFOMixin
 
 from serve.adapter_router import (
     PICK_TTL_S,
@@ -39,9 +41,11 @@ SMALL = {"prompt": "a red fox in the snow", "width": 64, "height": 64, "steps": 
 
 
 def replica(unique_id: str, *adapters: str) -> SimpleNamespace:
-    """What placement_for reads of a Serve RunningReplica."""
+    """What the router reads of a Serve RunningReplica."""
+    deployment_id = SimpleNamespace(name="flux", app_name="app")
     return SimpleNamespace(
-        replica_id=SimpleNamespace(unique_id=unique_id), multiplexed_model_ids=set(adapters)
+        replica_id=SimpleNamespace(unique_id=unique_id, deployment_id=deployment_id),
+        multiplexed_model_ids=set(adapters),
     )
 
 
@@ -108,10 +112,9 @@ def test_a_replica_leaving_moves_only_the_adapters_it_was_first_for():
 
 
 def placing_router(claims: PlacementClaims, calls: list | None = None) -> SimpleNamespace:
-    """What `_placed` reads and writes of a router: its placements and claims still out, the
-    adapters replicas report (none here), and its claims, made in `claims` as the registry
-    actor makes them (each call's adapter appended to `calls`), answered a turn of the event
-    loop later, as an actor call is."""
+    """What `_placed` reads and writes of a router: its placements and claims still out, and
+    its claims, made in `claims` as the registry actor makes them (each call's adapter
+    appended to `calls`), answered a turn of the event loop later, as an actor call is."""
 
     async def claim(adapter_key, chosen, replicas) -> str:
         if calls is not None:
@@ -123,7 +126,6 @@ def placing_router(claims: PlacementClaims, calls: list | None = None) -> Simple
     router = SimpleNamespace(
         _placements=collections.OrderedDict(),
         _claims_in_flight={},
-        _multiplexed_model_id_to_replica_ids={},
         _claim=claim,
     )
     router._start_claim = functools.partial(AdapterAffinityRouter._start_claim, router)
@@ -206,19 +208,37 @@ def test_the_first_claim_wins_while_fresh_and_its_replica_is_up():
 
 
 def test_without_an_answer_from_the_registry_the_routers_own_placement_stands():
+    calls = []
+
     def unreachable(*args):
+        calls.append(args)
         raise RuntimeError("the registry actor is gone")
 
     router = SimpleNamespace(
         _registry=SimpleNamespace(claim_placement=SimpleNamespace(remote=unreachable)),
-        _deployment_id=SimpleNamespace(app_name="app", name="flux"),
+        app_name="app",
     )
     chosen = replica("r2")
     claimed = asyncio.run(
         AdapterAffinityRouter._claim(router, "a", chosen, [replica("r1"), chosen])
     )
+    assert calls == [("flux", "a", "r2", ["r1", "r2"])]  # per deployment, with the candidates
     assert claimed == "r2"
     assert router._registry is None  # looked up again at the next claim
+
+
+def handed(replica_id, chosen_s_ago: float = 0.0, sent: bool = True):
+    """A pending request as the router keeps it: Serve has handed it `replica_id` (its future
+    done with that replica) when `sent`, and the router last chose for it `chosen_s_ago`."""
+
+    async def make():
+        future = asyncio.get_running_loop().create_future()
+        if sent:
+            future.set_result(SimpleNamespace(replica_id=replica_id))
+        return SimpleNamespace(future=future)
+
+    request = asyncio.run(make())
+    return request, time.monotonic() - chosen_s_ago
 
 
 def counting_router(
@@ -229,17 +249,19 @@ def counting_router(
     report_age_s: float = 0.0,
 ):
     """What `_crowded` and `_requests_on` read of a router: its own counts of requests sent,
-    Serve's reported queue lengths (heard `report_age_s` ago), and the pick times of requests
-    not yet sent, by replica."""
+    Serve's reported queue lengths (heard `report_age_s` ago), and the requests handed a
+    replica and not yet sent (`handed` entries, by replica)."""
     reported_at = time.monotonic() - report_age_s
+    routing = [entry for entries in (picked or {}).values() for entry in entries]
     router = SimpleNamespace(
         _spread_queue_gap=gap,
         _in_flight=collections.Counter(own),
-        _replica_queue_len_cache=SimpleNamespace(get=reported.get),
+        replica_queue_len_cache=SimpleNamespace(get=reported.get),
         _reported_at=dict.fromkeys(reported, reported_at),
-        _picked={k: collections.deque(v) for k, v in (picked or {}).items()},
+        _routing={id(request): (request, at) for request, at in routing},
     )
-    router._requests_on = functools.partial(AdapterAffinityRouter._requests_on, router)
+    for method in ("_requests_on", "_handed_not_sent"):
+        setattr(router, method, functools.partial(getattr(AdapterAffinityRouter, method), router))
     return router
 
 
@@ -287,17 +309,38 @@ def test_an_old_report_is_not_counted():
 
 
 def test_requests_handed_a_replica_count_until_they_are_sent():
-    now = time.monotonic()
     # A burst: 4 requests handed the holder and not yet sent count as its requests.
-    crowded = crowding(own={"holder": 1}, reported={}, picked={"holder": [now] * 3})
-    assert crowded(["holder"], ["other"])
-    assert not crowding(own={"holder": 1}, reported={}, picked={"holder": [now] * 2})(
-        ["holder"], ["other"]
+    crowded = crowding(
+        own={"holder": 1}, reported={}, picked={"holder": [handed("holder") for _ in range(3)]}
     )
-    # A pick older than PICK_TTL_S (its request went away before it was sent) stops counting.
-    router = counting_router(own={}, reported={}, picked={"r": [now - PICK_TTL_S - 1, now]})
+    assert crowded(["holder"], ["other"])
+    two = {"holder": [handed("holder") for _ in range(2)]}
+    assert not crowding(own={"holder": 1}, reported={}, picked=two)(["holder"], ["other"])
+    # One still being routed (no replica handed yet) does not count, nor one older than
+    # PICK_TTL_S (its request went away before it was sent), and the old one is dropped.
+    router = counting_router(
+        own={},
+        reported={},
+        picked={
+            "r": [handed("r", chosen_s_ago=PICK_TTL_S + 1), handed("r")],
+            "": [handed(None, sent=False)],
+        },
+    )
     assert router._requests_on("r") == 1
-    assert len(router._picked["r"]) == 1
+    assert len(router._routing) == 2
+    # Sent: it counts in the router's own count from then on, no longer as handed.
+    AdapterAffinityRouter._count_sent(router, "r")
+    assert router._in_flight["r"] == 1 and router._handed_not_sent() == {}
+    assert router._requests_on("r") == 1
+
+
+def test_the_router_is_written_on_serves_public_api():
+    """No import of Serve's private modules (issue 20): the router's policy only through
+    `ray.serve.request_router`, so a Ray release keeping that API keeps the router working."""
+    source = (Path(__file__).parent.parent / "serve" / "adapter_router.py").read_text()
+    assert "_private" not in source
+    assert "_fulfill_next_pending_request" not in source
+    assert not issubclass(AdapterAffinityRouter, FIFOMixin)  # a choice goes to its own request
 
 
 def test_every_holder_must_be_crowded():
