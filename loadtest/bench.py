@@ -37,9 +37,7 @@ Writes bench.json and bench.md under `--out` (loadtest/reports by default).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -53,6 +51,8 @@ os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")  # before torch: same bytes in 
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
+
+from loadtest.bench_report import write_reports  # noqa: E402
 
 # Flux modules a LoRA trained on "attention and MLP" targets: joint attention of the double
 # blocks, both feed-forwards, and the single blocks' attention and fused MLP projections.
@@ -76,34 +76,6 @@ BENCH_DEPTH = (5, 10)  # double, single blocks: a quarter of FLUX.1's 19 and 38
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 MODEL_NAME = "flux"
 BATCHED_NAME = "flux-batched"  # the same model beside it, with max_batch_size --batch-size
-TARGETS = {  # figure: (comparison, bound)
-    "adapter_over_base": ("<=", 1.03),
-    "switch_over_repeat": ("<=", 1.02),
-    "cold_load_over_read": ("<=", 2.0),
-    "loraplex_over_naive_throughput": (">=", 2.0),
-    "http_over_in_process": ("<=", 1.05),
-    "loads_per_distinct_adapter": ("<=", 1.2),
-    "rss_after_swaps_over_warmup": ("<=", 1.05),
-}
-DESCRIPTIONS = {
-    "adapter_over_base": "generation with one active adapter / base generation",
-    "unfused_adapter_over_base": "the same, adapter not fused (peft LoRA layers)",
-    "switch_over_repeat": "request switching between two hot adapters / repeating one",
-    "switch_activation_over_generation": "adapter switch (activation alone) / one generation",
-    "cold_load_over_read": "cold load of an adapter (eviction, load into its free slot) / "
-    "reading the file's bytes",
-    "cold_load_fresh_over_read": "fresh cold load (new layers, load_lora_weights) / reading the "
-    "file's bytes",
-    "loraplex_over_naive_throughput": "loraplex over HTTP / naive load-generate-unload "
-    "throughput (Zipf workload)",
-    "http_over_in_process": "end-to-end HTTP latency / the same generation in process",
-    "loads_per_distinct_adapter": "adapter loads / distinct adapters requested (2 replicas)",
-    "batched_over_unbatched_throughput": "batched / unbatched throughput, one adapter, "
-    "4 concurrent clients",
-    "rss_after_swaps_over_warmup": "resident memory after the swaps / after warm-up",
-}
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CI smoke: tiny model, few requests")
@@ -510,51 +482,6 @@ def measure_batching(url: str, names, args, figures) -> dict:
 
 
 # Reports --------------------------------------------------------------------------------------
-
-
-def meets(figure: str, value: float) -> bool | None:
-    if figure not in TARGETS:
-        return None
-    comparison, bound = TARGETS[figure]
-    return value <= bound if comparison == "<=" else value >= bound
-
-
-def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
-
-
-def write_reports(out: Path, figures: dict, details: dict, args) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    report = {
-        "machine": machine(),
-        "figures": {
-            name: {
-                "ratio": round(value, 4),
-                "description": DESCRIPTIONS[name],
-                "target": " ".join(map(str, TARGETS[name])) if name in TARGETS else None,
-                "met": meets(name, value),
-            }
-            for name, value in figures.items()
-        },
-        "details": details,
-    }
-    (out / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [
-        f"loraplex bench ({'quick' if args.quick else 'full'}): {details['model']}, "
-        f"{details['transformer_params_m']} M transformer parameters, {args.size}x{args.size}, "
-        f"{args.steps} steps, LoRA rank {args.rank} ({details['lora_file_mb']} MB); {machine()}",
-        "",
-        "| ratio | value | target | met |",
-        "|---|---|---|---|",
-    ]
-    for entry in report["figures"].values():
-        met = {True: "yes", False: "**no**", None: ""}[entry["met"]]
-        lines.append(
-            f"| {entry['description']} | {entry['ratio']:.3f} | {entry['target'] or ''} | {met} |"
-        )
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return report
 
 
 if __name__ == "__main__":
