@@ -17,7 +17,9 @@ import os
 import resource
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import torch
 from ray import serve
@@ -50,7 +52,10 @@ class DiffusionDeployment:
         lora_root: str,
         remote_loras: dict | None = None,
         lora_root_cache: dict | None = None,
+        registry_for: Callable[[str], Any] | None = None,
     ):
+        """`registry_for(app_name)` creates or finds the app's registry actor (the app builder
+        passes serve.registry's; without it the replica finds the registry by name)."""
         self.model = ModelConfig.model_validate(model)
         self.family = get_family(self.model.family)
         # One thread runs all of this replica's tensor work: the pipeline's load, adapter
@@ -78,7 +83,7 @@ class DiffusionDeployment:
 
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
-        self._reports = RegistryReports(context.app_name, self.describe)
+        self._reports = RegistryReports(context.app_name, self.describe, registry_for)
         self._gpu_share = _gpu_share()
 
         if self.model.max_batch_size > 1:

@@ -1,14 +1,16 @@
 """How a model replica tells the app's registry (serve/registry.py) what it holds.
 
-The registry is an actor of the app, found by its name; this layer never imports it. The
-ingress creates it at start; a replica that starts first, or finds it gone, looks again every
-`RETRY_S` until it is there, then reports its state as it is then.
+The registry is an actor of the app; this layer never imports it. The app builder hands each
+replica the function that creates or finds it (`serve.registry.registry_for`); a replica built
+without one looks it up by name, and while it is not there looks again every `RETRY_S`, then
+reports its state as it is then.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import ray
 
@@ -22,7 +24,14 @@ def registry_name(app_name: str) -> str:
 
 
 class RegistryReports:
-    def __init__(self, app_name: str, describe: Callable[[], dict]):
+    def __init__(
+        self,
+        app_name: str,
+        describe: Callable[[], dict],
+        find_or_create: Callable[[str], Any] | None = None,
+    ):
+        self._app_name = app_name
+        self._find_or_create = find_or_create
         self._name = registry_name(app_name)
         self._describe = describe
         self._handle = None
@@ -56,6 +65,8 @@ class RegistryReports:
             registry.remove.remote(replica_id)
 
     def _registry(self):
+        if self._handle is None and self._find_or_create is not None:
+            self._handle = self._find_or_create(self._app_name)
         if self._handle is None:
             try:
                 self._handle = ray.get_actor(self._name, namespace=NAMESPACE)

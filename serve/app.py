@@ -13,6 +13,7 @@ from deployments.config import ModelConfig
 from serve.adapter_router import ROUTER_RAY_VERSIONS, AdapterAffinityRouter, router_supported
 from serve.config import AppConfig
 from serve.ingress import Ingress
+from serve.registry import registry_for
 
 
 def model_deployment() -> serve.Deployment:
@@ -40,6 +41,9 @@ def model_args(config: AppConfig, model: ModelConfig) -> tuple:
         config.lora_root,
         config.remote_loras.model_dump(mode="json"),
         config.lora_root_cache.model_dump(mode="json"),
+        # Replicas report to the app's registry from their first moment: they create it if
+        # they start before the ingress does.
+        registry_for,
     )
 
 

@@ -15,10 +15,20 @@ from deployments.adapters import ActiveAdapter, PipelineAdapters
 from deployments.errors import LoraIncompatible
 from deployments.family import get_family
 from deployments.loras.files import parse_lora_file
+from tests.adapter_helpers import (
+    CLIP_TARGETS,
+    adapter_state,
+    fresh_image,
+    image,
+    kohya_flux,
+    loaded,
+    lora_parameters,
+    on,
+    same_state,
+    with_adapters,
+)
 from tests.lora_files import lora_tensors, write_lora
-from tests.test_adapters import image, kohya_flux, on, with_adapters
 
-CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 MAX_ADAPTERS = 2
 
 
@@ -66,30 +76,6 @@ def adapters(pipe, files, base):
     yield adapters
     for name in loaded(pipe):
         adapters.delete(name)
-
-
-def loaded(pipe) -> set[str]:
-    return {name for names in pipe.get_list_adapters().values() for name in names}
-
-
-def fresh_image(pipe, tensors, *strengths: tuple[float, float], fuse: bool = False):
-    """The image of a fresh load of `tensors` into a pipeline holding no other adapter."""
-    for name in loaded(pipe):
-        pipe.delete_adapters([name])
-    adapters = PipelineAdapters(pipe, get_family("flux"), fuse_single=fuse)
-    adapters.load("fresh", tensors, "fresh")
-    images = [with_adapters(adapters, on("fresh", *strength)) for strength in strengths]
-    adapters.delete("fresh")
-    return images
-
-
-def lora_parameters(pipe) -> int:
-    return sum(
-        p.numel()
-        for component in (pipe.transformer, pipe.text_encoder)
-        for name, p in component.named_parameters()
-        if ".lora_" in name
-    )
 
 
 @pytest.mark.parametrize("fuse", [False, True])
@@ -246,27 +232,6 @@ def test_the_service_reloads_an_evicted_adapter_into_a_slot_to_the_same_bytes(se
     [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
     [replica] = flux["replicas"]
     assert len(replica["hot_adapters"]) <= 2
-
-
-def adapter_state(adapters, adapter_name: str) -> dict:
-    """Everything an adapter's layers compute with: matrices, rank, alpha, scale."""
-    state = {}
-    for path, module in adapters._find_layers(adapter_name).items():
-        for kind in ("lora_A", "lora_B"):
-            state[f"{path}.{kind}"] = getattr(module, kind)[adapter_name].weight.detach().clone()
-        state[f"{path}.scale"] = (
-            module.r[adapter_name],
-            module.lora_alpha[adapter_name],
-            module.scaling[adapter_name],
-            module.use_dora[adapter_name],
-        )
-    return state
-
-
-def same_state(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a
-    )
 
 
 @pytest.mark.parametrize("family", ["sdxl", "qwen_image", "z_image", "wan"])

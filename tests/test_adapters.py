@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
 
 from deployments import load_pipeline
-from deployments.adapters import ActiveAdapter, PipelineAdapters
+from deployments.adapters import PipelineAdapters
 from deployments.errors import LoraIncompatible
 from deployments.family import get_family
-from deployments.loras.files import parse_lora_file
-from tests.lora_files import lora_tensors, write_lora
+from tests.adapter_helpers import (
+    CLIP_TARGETS,
+    PROMPT,
+    from_file,
+    image,
+    kohya_flux,
+    loaded,
+    on,
+    with_adapters,
+)
+from tests.lora_files import lora_tensors
 
-PROMPT = "a red fox in the snow"
-SMALL = {"width": 128, "height": 128, "num_inference_steps": 2}
-CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # kohya vs hand-converted diffusers tensors differ only in where alpha/rank is multiplied in;
 # measured max abs pixel difference (floats in [0, 1]) with alpha/rank 0.75: 3.6e-6. (A power
 # of two such as 0.5 scales exactly and gives 0.0, which would not exercise the tolerance.)
@@ -51,71 +55,12 @@ def adapters(pipe, files, base):
     """A PipelineAdapters on the shared pipeline; each test's adapters are deleted after it."""
     adapters = PipelineAdapters(pipe, get_family("flux"))
     yield adapters
-    for name in {name for names in pipe.get_list_adapters().values() for name in names}:
+    for name in loaded(pipe):
         adapters.delete(name)
-
-
-def image(pipe, seed: int = 0) -> np.ndarray:
-    with torch.inference_mode():
-        result = pipe(
-            PROMPT,
-            **SMALL,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="np",
-        )
-    return result.images[0]
-
-
-def with_adapters(adapters, *active: ActiveAdapter) -> np.ndarray:
-    adapters.activate(list(active))
-    return image(adapters.pipe)
-
-
-def on(name: str, strength: float = 1.0, clip_strength: float = 1.0) -> ActiveAdapter:
-    return ActiveAdapter(name, strength, clip_strength)
 
 
 def parameter_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def from_file(tmp_path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors as the service reads them: through a .safetensors file on disk."""
-    path = write_lora(tmp_path / "lora.safetensors", tensors)
-    tensors, _ = parse_lora_file(path.read_bytes(), path.name)
-    return tensors
-
-
-def kohya_flux(pipe, seed: int, rank: int = 4, alpha: float = 3.0):
-    """(kohya sd-scripts tensors, the same LoRA in diffusers keys) for the image attention of
-    every double block. kohya fuses q, k and v in one `qkv` matrix and scales by alpha/rank."""
-    transformer = pipe.transformer
-    dim = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    generator = torch.Generator().manual_seed(seed)
-    scale = alpha / rank
-    kohya, diffusers = {}, {}
-
-    def pair(out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-        down = torch.randn(rank, dim, generator=generator) / math.sqrt(dim)
-        return down, torch.randn(out_features, rank, generator=generator)
-
-    for i in range(transformer.config.num_layers):
-        ours = f"transformer.transformer_blocks.{i}.attn"
-        theirs = f"lora_unet_double_blocks_{i}_img_attn"
-        down, up = pair(3 * dim)
-        kohya[f"{theirs}_qkv.lora_down.weight"] = down
-        kohya[f"{theirs}_qkv.lora_up.weight"] = up
-        kohya[f"{theirs}_qkv.alpha"] = torch.tensor(alpha)
-        for target, rows in zip(("to_q", "to_k", "to_v"), up.split(dim), strict=True):
-            diffusers[f"{ours}.{target}.lora_A.weight"] = down
-            diffusers[f"{ours}.{target}.lora_B.weight"] = rows * scale
-        down, up = pair(dim)
-        kohya[f"{theirs}_proj.lora_down.weight"] = down
-        kohya[f"{theirs}_proj.lora_up.weight"] = up
-        kohya[f"{theirs}_proj.alpha"] = torch.tensor(alpha)
-        diffusers[f"{ours}.to_out.0.lora_A.weight"] = down
-        diffusers[f"{ours}.to_out.0.lora_B.weight"] = up * scale
-    return kohya, diffusers
 
 
 def clip_output(pipe) -> torch.Tensor:

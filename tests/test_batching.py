@@ -14,12 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.test_flux_serving import (
-    error_of,
-    pixels,
-    renders_interrupted,
-    reported,
-)
+from tests.http_helpers import error_of, pixels, renders_interrupted, reported
 
 PREFIX = "/batching"
 BATCH = 4

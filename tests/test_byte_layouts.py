@@ -21,16 +21,18 @@ from deployments.adapters import PipelineAdapters
 from deployments.errors import LoraIncompatible
 from deployments.family import get_family
 from deployments.loras.formats import LORA_ADAPTER_METADATA_KEY
-from tests.lora_files import lora_tensors, write_lora
-from tests.test_adapter_slots import (
+from tests.adapter_helpers import (
     CLIP_TARGETS,
     adapter_state,
     fresh_image,
+    kohya_flux,
     loaded,
     lora_parameters,
+    on,
     same_state,
+    with_adapters,
 )
-from tests.test_adapters import kohya_flux, on, with_adapters
+from tests.lora_files import lora_tensors, write_lora
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from deployments.adapters import ActiveAdapter, PipelineAdapters
 from deployments.qwen_image import FAMILY, LORA_TARGETS, qwen_special_id
 from deployments.schemas import GenerationJob, GenerationRequest
 from deployments.tiny import QWEN_SPECIALS
+from tests.adapter_helpers import loaded
+from tests.family_helpers import differs, grey_levels
 from tests.lora_files import lora_tensors
 
 PROMPT = "a red fox in the snow"
@@ -45,7 +47,7 @@ def adapters(pipe, lora, base):
     """PipelineAdapters on the shared pipeline; each test's adapters are deleted after it."""
     adapters = PipelineAdapters(pipe, FAMILY)
     yield adapters
-    for name in {name for names in pipe.get_list_adapters().values() for name in names}:
+    for name in loaded(pipe):
         adapters.delete(name)
 
 
@@ -56,22 +58,12 @@ def job(**fields) -> GenerationJob:
 
 def render(pipe, job: GenerationJob) -> np.ndarray:
     """The image in grey levels, from the pipeline call deployments/base.py makes."""
-    with torch.inference_mode():
-        result = pipe(
-            **FAMILY.pipeline_kwargs(job),
-            generator=torch.Generator("cpu").manual_seed(job.seed),
-            output_type="np",
-        )
-    return result.images[0] * 255.0
+    return grey_levels(FAMILY, pipe, job)
 
 
 def with_adapters(adapters, *active: ActiveAdapter) -> np.ndarray:
     adapters.activate(list(active))
     return render(adapters.pipe, job())
-
-
-def differs(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).mean())
 
 
 def test_family_spec():

@@ -7,7 +7,6 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from diffusers import QwenImageEditPlusPipeline
 from PIL import Image
 
@@ -18,6 +17,8 @@ from deployments.qwen_image import FAMILY as QWEN_IMAGE
 from deployments.qwen_image import LORA_TARGETS
 from deployments.qwen_image_edit import FAMILY
 from deployments.schemas import EditRequest, GenerationJob
+from tests.adapter_helpers import loaded
+from tests.family_helpers import differs, grey_levels
 from tests.lora_files import lora_tensors
 
 PROMPT = "make the sky red"
@@ -60,7 +61,7 @@ def adapters(pipe, lora, base):
     """PipelineAdapters on the shared pipeline; each test's adapters are deleted after it."""
     adapters = PipelineAdapters(pipe, FAMILY)
     yield adapters
-    for name in {name for names in pipe.get_list_adapters().values() for name in names}:
+    for name in loaded(pipe):
         adapters.delete(name)
 
 
@@ -72,17 +73,7 @@ def job(**fields) -> GenerationJob:
 
 def render(pipe, job: GenerationJob) -> np.ndarray:
     """The image in grey levels, from the pipeline call deployments/base.py makes."""
-    with torch.inference_mode():
-        result = pipe(
-            **FAMILY.pipeline_kwargs(job),
-            generator=torch.Generator("cpu").manual_seed(job.seed),
-            output_type="np",
-        )
-    return result.images[0] * 255.0
-
-
-def differs(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.abs(a - b).mean())
+    return grey_levels(FAMILY, pipe, job)
 
 
 def test_family_spec():

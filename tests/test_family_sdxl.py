@@ -15,24 +15,23 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from deployments import load_pipeline
-from deployments.adapters import ActiveAdapter, PipelineAdapters
+from deployments.adapters import PipelineAdapters
 from deployments.family import get_family
 from deployments.schemas import GenerationJob
 from deployments.sdxl import FAMILY, build_tiny_sdxl
+from tests.adapter_helpers import CLIP_TARGETS, PROMPT, image, loaded, on, with_adapters
+from tests.family_helpers import production_job
 from tests.lora_files import lora_tensors
 from tests.lora_formats import sgm_block
 
-PROMPT = "a red fox in the snow"
-SMALL = {"width": 128, "height": 128, "num_inference_steps": 2}
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-CLIP_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 # kohya vs diffusers tensors differ only in where alpha/rank (0.75) is multiplied in; measured
 # max abs pixel difference (floats in [0, 1]): 2.2e-6.
 FORMAT_TOLERANCE = 1e-4
 # Mean abs pixel difference (floats in [0, 1]) that counts as a visible change: 1.3 grey levels.
-# Measured at SMALL: rank-4 UNet attention LoRA 0.045, LoRA on both text encoders 0.028,
-# negative prompt 0.017, another prompt 0.007.
+# Measured at adapter_helpers.SMALL (128 px, 2 steps): rank-4 UNet attention LoRA 0.045, LoRA
+# on both text encoders 0.028, negative prompt 0.017, another prompt 0.007.
 VISIBLE = 0.005
 
 
@@ -69,28 +68,8 @@ def adapters(pipe, files, base, base_text):
     """A PipelineAdapters on the shared pipeline; each test's adapters are deleted after it."""
     adapters = PipelineAdapters(pipe, FAMILY)
     yield adapters
-    for name in {name for names in pipe.get_list_adapters().values() for name in names}:
+    for name in loaded(pipe):
         adapters.delete(name)
-
-
-def image(pipe, seed: int = 0, prompt: str = PROMPT, **kwargs) -> np.ndarray:
-    with torch.inference_mode():
-        result = pipe(
-            prompt,
-            **{**SMALL, **kwargs},
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="np",
-        )
-    return result.images[0]
-
-
-def with_adapters(adapters, *active: ActiveAdapter) -> np.ndarray:
-    adapters.activate(list(active))
-    return image(adapters.pipe)
-
-
-def on(name: str, strength: float = 1.0, clip_strength: float = 1.0) -> ActiveAdapter:
-    return ActiveAdapter(name, strength, clip_strength)
 
 
 def text_outputs(pipe) -> list[torch.Tensor]:
@@ -107,18 +86,7 @@ def text_outputs(pipe) -> list[torch.Tensor]:
 
 
 def job(**fields) -> GenerationJob:
-    defaults = FAMILY.defaults
-    values = {
-        "prompt": PROMPT,
-        "negative_prompt": "",
-        "width": defaults.width,
-        "height": defaults.height,
-        "steps": defaults.steps,
-        "cfg": defaults.cfg,
-        "seed": 0,
-        "adapters": [],
-    }
-    return GenerationJob(**{**values, **fields})
+    return production_job(FAMILY, PROMPT, **fields)
 
 
 def kohya_sdxl(pipe, files, alpha: float):

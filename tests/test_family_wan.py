@@ -14,11 +14,12 @@ from PIL import Image
 from deployments import load_pipeline
 from deployments.adapters import ActiveAdapter, PipelineAdapters
 from deployments.errors import InvalidRequest
-from deployments.loras.files import parse_lora_file
 from deployments.media import encode_video
 from deployments.schemas import GenerationJob, VideoRequest
 from deployments.wan import FAMILY, LORA_TARGETS, check_job, pipeline_kwargs
-from tests.lora_files import lora_tensors, write_lora
+from tests.adapter_helpers import from_file, loaded
+from tests.family_helpers import pipeline_output, production_job
+from tests.lora_files import lora_tensors
 from tests.lora_formats import WAN_ORIGINAL_NAMES as ORIGINAL_NAMES
 
 PROMPT = "a red fox in the snow"
@@ -54,21 +55,14 @@ def adapters(pipe, files, base):
     """A PipelineAdapters on the shared pipeline; each test's adapters are deleted after it."""
     adapters = PipelineAdapters(pipe, FAMILY)
     yield adapters
-    for name in {name for names in pipe.get_list_adapters().values() for name in names}:
+    for name in loaded(pipe):
         adapters.delete(name)
 
 
 def video(pipe, prompt: str = PROMPT, seed: int = 0) -> np.ndarray:
     """(frames, height, width, 3) floats in [0, 1] of a small clip."""
-    with torch.inference_mode():
-        result = pipe(
-            prompt,
-            **SMALL,
-            guidance_scale=FAMILY.defaults.cfg,
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="np",
-        )
-    return result.frames[0]
+    output = pipeline_output(pipe, prompt, seed, **SMALL, guidance_scale=FAMILY.defaults.cfg)
+    return output.frames[0]
 
 
 def with_adapters(adapters, *active: ActiveAdapter) -> np.ndarray:
@@ -82,9 +76,7 @@ def on(name: str, strength: float = 1.0) -> ActiveAdapter:
 
 def job(**changes) -> GenerationJob:
     """A job at the production defaults, as the ingress resolves it."""
-    defaults = FAMILY.defaults.model_dump()
-    fields = {"prompt": PROMPT, "negative_prompt": "", "seed": 0, "adapters": [], **defaults}
-    return GenerationJob(**{**fields, **changes})
+    return production_job(FAMILY, PROMPT, **changes)
 
 
 def original_wan_lora(pipe, seed: int, rank: int, alpha: float) -> dict[str, dict]:
@@ -111,13 +103,6 @@ def original_wan_lora(pipe, seed: int, rank: int, alpha: float) -> dict[str, dic
             diffusers[f"transformer.blocks.{i}.{ours}.lora_A.weight"] = down
             diffusers[f"transformer.blocks.{i}.{ours}.lora_B.weight"] = up * (alpha / rank)
     return {"comfy": comfy, "musubi": musubi, "diffusers": diffusers}
-
-
-def from_file(tmp_path, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The tensors as the service reads them: through a .safetensors file on disk."""
-    path = write_lora(tmp_path / "lora.safetensors", tensors)
-    tensors, _ = parse_lora_file(path.read_bytes(), path.name)
-    return tensors
 
 
 def test_production_defaults_give_33_frames_of_832x480_as_animated_webp(pipe):

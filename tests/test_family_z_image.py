@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -21,6 +19,8 @@ from deployments.loras.synthetic import lora_tensors
 from deployments.media import encode_image
 from deployments.schemas import GenerationJob
 from deployments.z_image import ATTENTION_TARGETS, FAMILY
+from tests.adapter_helpers import loaded
+from tests.family_helpers import fused_qkv_lora, pipeline_output, production_job
 
 PROMPT = "a red fox in the snow"
 SMALL = {"width": 128, "height": 128, "num_inference_steps": 2, "guidance_scale": 4.5}
@@ -45,19 +45,12 @@ def adapters(pipe, base):
     """A PipelineAdapters on the shared pipeline; each test's adapters are deleted after it."""
     adapters = PipelineAdapters(pipe, FAMILY)
     yield adapters
-    for name in {name for names in pipe.get_list_adapters().values() for name in names}:
+    for name in loaded(pipe):
         adapters.delete(name)
 
 
 def image(pipe, prompt: str = PROMPT, seed: int = 0, **kwargs) -> np.ndarray:
-    with torch.inference_mode():
-        result = pipe(
-            prompt,
-            **{**SMALL, **kwargs},
-            generator=torch.Generator("cpu").manual_seed(seed),
-            output_type="np",
-        )
-    return result.images[0]
+    return pipeline_output(pipe, prompt, seed, **{**SMALL, **kwargs}).images[0]
 
 
 def with_adapters(adapters, *active: ActiveAdapter) -> np.ndarray:
@@ -70,18 +63,7 @@ def on(name: str, strength: float = 1.0) -> ActiveAdapter:
 
 
 def job(**fields) -> GenerationJob:
-    defaults = FAMILY.defaults
-    values = {
-        "prompt": PROMPT,
-        "negative_prompt": "",
-        "width": defaults.width,
-        "height": defaults.height,
-        "steps": defaults.steps,
-        "cfg": defaults.cfg,
-        "seed": 0,
-        "adapters": [],
-    }
-    return GenerationJob(**{**values, **fields})
+    return production_job(FAMILY, PROMPT, **fields)
 
 
 def ai_toolkit_lora(pipe, seed: int, rank: int = 4, alpha: float = 3.0):
@@ -101,34 +83,12 @@ def kohya_lora(pipe, seed: int, rank: int = 4, alpha: float = 3.0):
     """(kohya / musubi tensors, the same LoRA in diffusers keys) for every attention layer.
     They use Z-Image's original module names: q, k and v fused in one `qkv` matrix, the output
     projection called `out`; each scaled by alpha / rank."""
-    dim = pipe.transformer.config.dim
-    generator = torch.Generator().manual_seed(seed)
-    scale = alpha / rank
-    kohya, diffusers = {}, {}
-
-    def pair(out_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-        down = torch.randn(rank, dim, generator=generator) / math.sqrt(dim)
-        return down, torch.randn(out_features, rank, generator=generator)
-
-    attention_layers = [
-        name for name, _ in pipe.transformer.named_modules() if name.endswith(".attention")
+    layers = [
+        (f"transformer.{name}", "lora_unet_" + name.replace(".", "_"))
+        for name, _ in pipe.transformer.named_modules()
+        if name.endswith(".attention")
     ]
-    for name in attention_layers:
-        ours, theirs = f"transformer.{name}", "lora_unet_" + name.replace(".", "_")
-        down, up = pair(3 * dim)
-        kohya[f"{theirs}_qkv.lora_down.weight"] = down
-        kohya[f"{theirs}_qkv.lora_up.weight"] = up
-        kohya[f"{theirs}_qkv.alpha"] = torch.tensor(alpha)
-        for target, rows in zip(("to_q", "to_k", "to_v"), up.split(dim), strict=True):
-            diffusers[f"{ours}.{target}.lora_A.weight"] = down
-            diffusers[f"{ours}.{target}.lora_B.weight"] = rows * scale
-        down, up = pair(dim)
-        kohya[f"{theirs}_out.lora_down.weight"] = down
-        kohya[f"{theirs}_out.lora_up.weight"] = up
-        kohya[f"{theirs}_out.alpha"] = torch.tensor(alpha)
-        diffusers[f"{ours}.to_out.0.lora_A.weight"] = down
-        diffusers[f"{ours}.to_out.0.lora_B.weight"] = up * scale
-    return kohya, diffusers
+    return fused_qkv_lora(layers, pipe.transformer.config.dim, "out", seed, rank, alpha)
 
 
 def test_production_defaults_render_a_1024_jpeg(pipe):

@@ -12,28 +12,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.http_helpers import error_of, flux_replica, pixels, renders_interrupted, reported
+
 SMALL = {"width": 256, "height": 256, "steps": 4}
 
 
 def generate(client, path="/flux-lora", **body):
     return client.post(path, json={"prompt": "a red fox in the snow", "seed": 7, **SMALL, **body})
-
-
-def flux_replica(service, loads_at_least: int = 0) -> dict:
-    """The flux replica as /models shows it, once it has reported `loads_at_least` adapter
-    loads (replicas report asynchronously), or after 10 s."""
-    deadline = time.monotonic() + 10
-    while True:
-        [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
-        [replica] = flux["replicas"]
-        if replica["adapter_loads"] >= loads_at_least or time.monotonic() > deadline:
-            return replica
-        time.sleep(0.1)
-
-
-def pixels(response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    return np.asarray(Image.open(io.BytesIO(response.content)).convert("RGB"), dtype=np.int16)
 
 
 def test_lora_changes_the_image_and_strength_zero_is_the_base(service):
@@ -161,14 +146,6 @@ def test_concurrent_requests_with_different_adapters_match_sequential(service):
     assert concurrent_results == sequential
 
 
-def error_of(response, status: int, code: str) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["error"]["code"] == code
-    assert response.headers["X-Request-Id"]
-    return body["error"]["message"]
-
-
 def test_missing_lora_is_400(service):
     message = error_of(generate(service), 400, "lora_required")
     assert message == "lora_id or lora_name is required"
@@ -242,21 +219,6 @@ def test_a_request_abandoned_by_its_client_leaves_the_next_one_intact(service):
     assert generate(service, "/flux").status_code == 200
     # The abandoned render stopped early, not after its 150 steps.
     assert reported(lambda: renders_interrupted(service), before + 1) == before + 1
-
-
-def renders_interrupted(client) -> int:
-    """Pipeline calls the flux replicas stopped early, as /models shows them."""
-    [model] = [m for m in client.get("/models").json()["models"] if m["name"] == "flux"]
-    return sum(replica["renders_interrupted"] for replica in model["replicas"])
-
-
-def reported(read, expected, timeout_s: float = 60):
-    """`read()` once it gives `expected` (the replicas report their state asynchronously), or
-    what it gives after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while (now := read()) != expected and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return now
 
 
 def test_a_body_over_the_limit_is_413(service):

@@ -5,14 +5,12 @@ family, rank, alpha and targets are reported; a file that does not fit is refuse
 
 from __future__ import annotations
 
-import io
 import json
 
 import numpy as np
 import pytest
 import torch
 from diffusers import FluxPipeline
-from PIL import Image
 
 from deployments.adapters import ActiveAdapter, PipelineAdapters
 from deployments.errors import LoraIncompatible
@@ -20,8 +18,8 @@ from deployments.family import get_family
 from deployments.loras.files import parse_lora_file
 from deployments.loras.formats import apply_metadata_alpha, inspect_lora
 from deployments.loras.synthetic import write_lora
-from deployments.media import encode_image
-from deployments.schemas import GenerationJob
+from tests.family_helpers import render
+from tests.http_helpers import pixels
 from tests.lora_formats import ALPHA, FORMATS, RANK, lora_in_format
 
 # A format's file and its diffusers twin differ only in where alpha / rank is multiplied in (and
@@ -30,35 +28,7 @@ from tests.lora_formats import ALPHA, FORMATS, RANK, lora_in_format
 # (0.75 here) changes pixels by several hundredths.
 FORMAT_TOLERANCE = 1e-3
 VISIBLE = 0.005  # mean abs pixel change that shows a LoRA did something
-EDIT_IMAGE = encode_image(
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)),
-    "image/png",
-)
 MATRIX = [(family, fmt) for family, formats in FORMATS.items() for fmt in formats]
-
-
-def render(pipe, family: str) -> np.ndarray:
-    """A 64x64, 2-step image (5 frames for Wan) as floats in [0, 1]."""
-    spec = get_family(family)
-    job = GenerationJob(
-        prompt="a red fox in the snow",
-        negative_prompt="",
-        width=64,
-        height=64,
-        steps=2,
-        cfg=spec.defaults.cfg,
-        seed=0,
-        adapters=[],
-        length=5 if spec.output == "video" else None,
-        image=EDIT_IMAGE if family == "qwen_image_edit" else None,
-    )
-    with torch.inference_mode():
-        out = pipe(
-            **spec.pipeline_kwargs(job),
-            generator=torch.Generator("cpu").manual_seed(0),
-            output_type="np",
-        )
-    return np.asarray(out.frames[0] if spec.output == "video" else out.images[0])
 
 
 _BASES: dict[str, np.ndarray] = {}
@@ -359,9 +329,3 @@ def test_http_lora_alpha_in_adapter_metadata_is_applied(service, lora_root, tiny
     from_meta = pixels(post_flux(service, "formats-meta"))
     assert np.abs(from_meta - pixels(post_flux(service, "formats-halved"))).max() <= 1
     assert np.abs(from_meta - pixels(post_flux(service, "formats-full"))).mean() > 1
-
-
-def pixels(response) -> np.ndarray:
-    assert response.status_code == 200, response.text
-    image = Image.open(io.BytesIO(response.content)).convert("RGB")
-    return np.asarray(image, dtype=np.int16)

@@ -11,18 +11,14 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.http_helpers import flux_replica
+
 SMALL = {"width": 256, "height": 256, "steps": 4}
 FLUX_PRICE_PER_GPU_HOUR = 2.49  # cluster/local.yaml
 
 
 def generate(client, **body):
     return client.post("/flux-lora", json={"prompt": "a red fox", "seed": 7, **SMALL, **body})
-
-
-def flux_replica(service) -> dict:
-    [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
-    [replica] = flux["replicas"]
-    return replica
 
 
 def exported(metrics_url: str, replica_id: str) -> dict[str, float]:

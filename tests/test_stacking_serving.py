@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
+from tests.http_helpers import error_of, flux_replica, pixels
 from tests.lora_files import lora_tensors, write_lora
-from tests.test_flux_serving import error_of, pixels
 
 PROMPT = "a red fox in the snow"
 SMALL = {"width": 128, "height": 128, "steps": 2}
@@ -43,12 +43,6 @@ def files(lora_root, tiny_pipelines):
     )
     yield folder
     shutil.rmtree(folder)
-
-
-def flux_replica(service) -> dict:
-    [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
-    [replica] = flux["replicas"]
-    return replica
 
 
 # Hot stacks

@@ -6,52 +6,17 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from safetensors import safe_open
 
 from cluster.train.config import RunStatus
 from cluster.train.progress import run_dir_for
 from cluster.train.run import run
 from deployments import load_pipeline
-from deployments.adapters import ActiveAdapter, PipelineAdapters
-from deployments.family import get_family
-from deployments.loras.files import parse_lora_file
-from deployments.loras.formats import apply_metadata_alpha
 from deployments.loras.store import LoraStore
-from tests.train_jobs import tiny_job, write_dataset
+from tests.train_jobs import load_published, render, tiny_job, write_dataset
 
 # Trains, or starts services of its own: left out of `make test-fast`.
 pytestmark = pytest.mark.slow
-
-
-def render(pipe, family: str, adapter: str | None = None, tensors=None, metadata=None):
-    """The tiny pipeline's output for a fixed prompt (Wan: a one-frame video), as floats, with
-    the adapter loaded when given."""
-    adapters = PipelineAdapters(pipe, get_family(family))
-    if tensors is not None:
-        adapters.load(adapter, apply_metadata_alpha(tensors, metadata), adapter)
-        adapters.activate([ActiveAdapter(adapter, 1.0, 1.0)])
-    else:
-        adapters.activate([])
-    video = get_family(family).output == "video"
-    output = pipe(
-        prompt="ohwx, a circle on grey",
-        width=64,
-        height=64,
-        num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-        **({"num_frames": 1} if video else {}),
-    )
-    if tensors is not None:
-        adapters.delete(adapter)
-    return np.asarray(output.frames[0] if video else output.images[0], dtype=np.float32)
-
-
-def load_published(job, name: str | None = None):
-    store = LoraStore(job.lora_root)
-    ref = store.resolve(name or job.output_file)
-    return parse_lora_file(store.read_bytes(ref), ref.name)
 
 
 @pytest.fixture(scope="module")

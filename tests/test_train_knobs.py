@@ -22,8 +22,7 @@ from cluster.train.objectives import noise_batch
 from cluster.train.publish import adapter_file, adapter_metadata, kohya_name, publish
 from deployments import load_pipeline
 from deployments.errors import InvalidRequest
-from tests.test_train_flux import load_published, render
-from tests.train_jobs import tiny_job, write_dataset
+from tests.train_jobs import load_published, render, tiny_job, write_dataset
 
 
 @pytest.fixture(scope="module")

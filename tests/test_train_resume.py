@@ -8,8 +8,7 @@ import torch
 
 from cluster.train.loop import CRASH_AT_STEP_ENV, CRASH_MARKER_ENV
 from cluster.train.run import run
-from tests.test_train_flux import load_published
-from tests.train_jobs import tiny_job, write_dataset
+from tests.train_jobs import load_published, tiny_job, write_dataset
 
 # Trains, or starts services of its own: left out of `make test-fast`.
 pytestmark = pytest.mark.slow

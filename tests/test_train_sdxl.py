@@ -7,8 +7,7 @@ import pytest
 
 from cluster.train.run import run
 from deployments import load_pipeline
-from tests.test_train_flux import load_published, render
-from tests.train_jobs import tiny_job, write_dataset
+from tests.train_jobs import load_published, render, tiny_job, write_dataset
 
 # Trains, or starts services of its own: left out of `make test-fast`.
 pytestmark = pytest.mark.slow
