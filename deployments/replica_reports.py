@@ -40,6 +40,10 @@ class RegistryReports:
         self._lock = threading.Lock()
         self._made = 0
         self._retry_pending = False
+        if find_or_create is not None:
+            # Now, not at the first report: the actor is then alive by the time that report is
+            # sent, so it arrives before a request the ingress sends once the app is up.
+            self._registry()
 
     def report(self) -> None:
         """Send the replica's state now; without a registry, again in `RETRY_S`."""

@@ -494,9 +494,11 @@ def test_a_hot_adapter_spreads_when_its_replica_is_crowded(routing):
     assert all(hot in r["hot_adapters"] for r in replicas)
     assert sum(r["adapter_loads"] for r in replicas) == loads_before + 2
     # The holder took requests until it had 4 more than the other: 8 and 4 (counts taken as
-    # requests end can shift one).
+    # requests end can shift one). Requests decided after the other replica's load began see
+    # two holders (Ray 2.60 reports an adapter from the start of its load) and balance, so a
+    # slow machine, deciding the burst over a longer time, can end at 6 and 6.
     split = sorted(served(r) - served_before.get(r["replica_id"], 0) for r in replicas)
-    assert split in ([4, 8], [5, 7])
+    assert split in ([4, 8], [5, 7], [6, 6])
 
 
 def served(replica: dict) -> int:
