@@ -9,6 +9,7 @@ by size, never by the clock, however loaded the machine is.
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import httpx
 import numpy as np
@@ -65,8 +66,13 @@ def concurrently(client, requests: list[dict]) -> list[httpx.Response]:
 
 
 def counters(client) -> tuple[int, int]:
-    [model] = client.get("/models").json()["models"]
-    [replica] = model["replicas"]
+    """The replica's batch counters, once it is listed (replicas report asynchronously: right
+    after the app is deployed, its first report may still be on its way)."""
+    deadline = time.monotonic() + 30
+    while not (replicas := client.get("/models").json()["models"][0]["replicas"]):
+        assert time.monotonic() < deadline, "the batching replica never reported"
+        time.sleep(0.1)
+    [replica] = replicas
     return replica["batches_run"], replica["requests_batched"]
 
 
