@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
-import resource
 import threading
 import time
 from collections.abc import Callable
@@ -31,16 +29,16 @@ from deployments.adapters import (
 )
 from deployments.batching import GroupRenders, batch_key, batched_pipeline_kwargs
 from deployments.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
-from deployments.errors import InvalidRequest
 from deployments.family import get_family
 from deployments.hot_adapters import HotAdapters
+from deployments.job_sizes import block_field, resolve_sizes
 from deployments.loading import load_pipeline
 from deployments.loras.merge import MergeInput, merge_stack
 from deployments.loras.remote import RemoteLoraCache
 from deployments.loras.root_cache import RootCache
 from deployments.loras.store import LoraRef, LoraStore
-from deployments.media import encode_image, encode_video, image_size
-from deployments.replica_metrics import ReplicaMetrics
+from deployments.media import encode_image, encode_video
+from deployments.replica_metrics import ReplicaMetrics, gpu_share, resident_memory_mb
 from deployments.replica_reports import RegistryReports
 from deployments.schemas import AdapterUse, GenerationJob, GenerationResult
 
@@ -84,7 +82,7 @@ class DiffusionDeployment:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         self._reports = RegistryReports(context.app_name, self.describe, registry_for)
-        self._gpu_share = _gpu_share()
+        self._gpu_share = gpu_share()
 
         if self.model.max_batch_size > 1:
             # Wrapped here, per replica, with this model's limits. Serve splits a batch by
@@ -133,7 +131,7 @@ class DiffusionDeployment:
         return self._torch.submit(work, *args).result()
 
     async def generate(self, job: GenerationJob) -> GenerationResult:
-        job = self._resolve_job(job)
+        job = resolve_sizes(job, self.family, self.pipe, self.model, self.adapters)
         async with contextlib.AsyncExitStack() as held:
             # Read and parse cold files before taking the lock, so I/O overlaps other
             # generations; held while this request is served, so requests for the same cold
@@ -268,7 +266,7 @@ class DiffusionDeployment:
                 self.hot.get(use.key),
                 use.strength,
                 use.clip_strength,
-                self.adapters.block_scales(use.block_weights, _block_field(index)),
+                self.adapters.block_scales(use.block_weights, block_field(index)),
             )
             for index, use in enumerate(job.adapters)
         ]
@@ -328,7 +326,7 @@ class DiffusionDeployment:
             "render_s": round(self._render_s, 3),
             "remote_lora_cache": self.remote.stats() if self.remote.config.enabled else None,
             "lora_root_cache": self.root_cache.stats(),
-            "rss_mb": round(_resident_memory_mb(), 1),
+            "rss_mb": round(resident_memory_mb(), 1),
         }
 
     def check_health(self) -> None:
@@ -346,35 +344,6 @@ class DiffusionDeployment:
         reports = getattr(self, "_reports", None)
         if reports is not None:
             reports.remove(self.replica_id)
-
-    def _resolve_job(self, job: GenerationJob) -> GenerationJob:
-        """The job with sizes filled from an input image and checked against the model."""
-        multiple = self.family.size_multiple(self.pipe)
-        if job.width is None or job.height is None:
-            if job.image is None:
-                raise InvalidRequest("width and height: required for a model without input image")
-            image_width, image_height = image_size(job.image)
-            job = job.model_copy(
-                update={
-                    "width": job.width or max(multiple, image_width // multiple * multiple),
-                    "height": job.height or max(multiple, image_height // multiple * multiple),
-                }
-            )
-        for field in ("width", "height"):
-            value = getattr(job, field)
-            if value % multiple:
-                raise InvalidRequest(
-                    f"{field}: must be a multiple of {multiple} for this model, got {value}"
-                )
-        keys = [use.key for use in job.adapters]
-        if len(keys) > self.model.max_adapters_per_replica:
-            raise InvalidRequest(
-                f"loras: {len(keys)} adapters, but this model keeps at most "
-                f"{self.model.max_adapters_per_replica} per replica"
-            )
-        for index, use in enumerate(job.adapters):  # before any adapter loads
-            self.adapters.block_scales(use.block_weights, _block_field(index))
-        return job
 
     def _read_adapter(self, use: AdapterUse) -> PreparedAdapter:
         ref = LoraRef.parse(use.key)
@@ -427,25 +396,3 @@ class DiffusionDeployment:
 
     def _report(self) -> None:
         self._reports.report()
-
-
-def _block_field(index: int) -> str:
-    return f"loras.{index}.block_weights"
-
-
-def _resident_memory_mb() -> float:
-    """This process's resident memory now (Linux), else its peak."""
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _gpu_share() -> float:
-    """The GPUs this replica holds (0.5 for a half GPU); 1.0 for a CPU replica, which bills
-    its device time the same way."""
-    import ray
-
-    gpus = ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0)
-    return float(gpus) if gpus > 0 else 1.0

@@ -9,8 +9,6 @@ times alpha / rank. DoRA: m / ||W + s B A||_row * (W + s B A) x; a lora_B bias: 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -306,7 +304,6 @@ def test_a_refusal_is_at_most_500_characters_whatever_the_file(flux):
     with pytest.raises(LoraIncompatible) as refused:
         flux.check(strangers, "x" * 200 + ".safetensors")
     assert len(refused.value.message) <= 500
-    assert math.isfinite(len(refused.value.message))
 
 
 # --- over HTTP: the replica's LRU, the catalog, and the bytes after a refusal -------------------

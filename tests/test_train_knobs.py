@@ -17,7 +17,9 @@ from PIL import Image
 from cluster.train.checks import OPTIONAL_OPTIMIZERS, check_job
 from cluster.train.config import TrainConfig
 from cluster.train.data import StepOrder, bucket_size, check_dataset, load_images
-from cluster.train.loop import Trainer, loop_config_for, lora_tensors, make_scheduler
+from cluster.train.loop import Trainer
+from cluster.train.loop_config import loop_config_for
+from cluster.train.lora_setup import lora_tensors, make_scheduler
 from cluster.train.objectives import noise_batch
 from cluster.train.publish import adapter_file, adapter_metadata, kohya_name, publish
 from deployments import load_pipeline

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cluster.train.loop import CRASH_AT_STEP_ENV, CRASH_MARKER_ENV
+from cluster.train.loop_config import CRASH_AT_STEP_ENV, CRASH_MARKER_ENV
 from cluster.train.run import run
 from tests.train_jobs import load_published, tiny_job, write_dataset
 

@@ -8,10 +8,8 @@ seed and the step, so a run resumed from a checkpoint repeats what an uninterrup
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import posixpath
 import random
 import resource
 import sys
@@ -28,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from cluster.train import progress
 from cluster.train.config import RunStatus, TrainJob
 from cluster.train.data import StepOrder, load_images
+from cluster.train.loop_config import CRASH_RANK
 from cluster.train.lora_setup import (
     add_lora,
     load_lora_tensors,
@@ -46,11 +45,6 @@ STATE_FILE = "state.pt"
 VALIDATION_SEED = 2**31 - 1
 VALIDATION_IMAGES = 4
 STATUS_INTERVAL_S = 1.0
-# Test-only fault injection: rank CRASH_RANK exits at this step once (a marker file says it did).
-CRASH_AT_STEP_ENV = "LORAPLEX_TRAIN_CRASH_AT_STEP"
-CRASH_MARKER_ENV = "LORAPLEX_TRAIN_CRASH_MARKER"
-CRASH_RANK = 1
-
 
 def _step_generator(seed: int, *parts: int) -> torch.Generator:
     value = seed
@@ -397,19 +391,3 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     """Ray Train's per-worker entry point."""
     torch.set_num_threads(max(1, loop_config.get("threads_per_worker", 1)))
     Trainer(loop_config).run()
-
-
-def loop_config_for(job: TrainJob, total_steps: int, run_dir: str, dataset_hash: str) -> dict:
-    config = {
-        "job": json.loads(job.model_dump_json()),
-        "total_steps": total_steps,
-        "run_dir": run_dir,
-        "dataset_hash": dataset_hash,
-    }
-    crash_at = os.environ.get(CRASH_AT_STEP_ENV)
-    if crash_at:
-        config["crash_at_step"] = int(crash_at)
-        config["crash_marker"] = os.environ.get(CRASH_MARKER_ENV) or posixpath.join(
-            tempfile.gettempdir(), "loraplex-crash-marker"
-        )
-    return config

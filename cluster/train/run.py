@@ -18,7 +18,8 @@ from cluster.train import progress
 from cluster.train.checks import check_job
 from cluster.train.config import CHECKPOINTS_FOLDER, JOB_FILE, RunStatus, TrainJob
 from cluster.train.data import DatasetSummary
-from cluster.train.loop import ADAPTER_FILE, loop_config_for, train_loop
+from cluster.train.loop import ADAPTER_FILE, train_loop
+from cluster.train.loop_config import loop_config_for
 from cluster.train.progress import absolute_location, run_dir_for
 from cluster.train.publish import publish
 
