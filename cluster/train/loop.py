@@ -46,6 +46,7 @@ VALIDATION_SEED = 2**31 - 1
 VALIDATION_IMAGES = 4
 STATUS_INTERVAL_S = 1.0
 
+
 def _step_generator(seed: int, *parts: int) -> torch.Generator:
     value = seed
     for part in parts:
