@@ -220,7 +220,7 @@ def timed_ms(action) -> float:
 
 
 def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
-    from deployments.base import _resident_memory_mb
+    from deployments.replica_metrics import resident_memory_mb
     from loadtest.in_process import Rounds, measure_adapters
 
     rounds = Rounds(repeats=args.repeats, swaps=args.swaps, slots=args.slots, fuse=args.fuse)
@@ -231,7 +231,7 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
         names,
         rounds,
         generate=lambda: generate(pipe, family, args, 1),
-        memory_mb=_resident_memory_mb,
+        memory_mb=resident_memory_mb,
     )
     measured["rss_after_swaps_over_warmup"] = measured.pop("memory_after_swaps_over_warmup")
     figures.update(measured)
