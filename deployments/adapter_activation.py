@@ -91,9 +91,7 @@ class AdapterActivation:
         applied = tuple(a for a in self.active or () if a.adapter_name not in lycoris)
         single = self.fuse_single and len(wanted) == 1 and len(loras) == 1
         fusing = loras[0].adapter_name if single else None
-        if self.active is not None and all(
-            a.adapter_name in self._layers for a in applied + loras
-        ):
+        if self.active is not None and all(a.adapter_name in self._layers for a in applied + loras):
             self._activate_layers(applied, loras, fusing)
         else:
             self._activate_components(list(loras))
@@ -101,7 +99,6 @@ class AdapterActivation:
         if fusing is not None:
             self._fuse(fusing)
         self._fuse_lycoris([a for a in wanted if a.adapter_name in self._lycoris_adapters])
-
 
     def _fuse_lycoris(self, adapters: list[ActiveAdapter]) -> None:
         """Add each active LoKr / LoHa adapter's delta, at its strength (text encoders: its
@@ -123,7 +120,6 @@ class AdapterActivation:
                     layer.weight.data = kept + delta * strength
                 self._lycoris_fused.append((layer, kept))
 
-
     def _activate_components(self, adapters: list[ActiveAdapter]) -> None:
         """Activation through the library, component by component: every LoRA layer of the
         pipeline is set. Used after a fresh load or a delete, which change layers' states."""
@@ -139,7 +135,6 @@ class AdapterActivation:
             _activate_component(component, names, weights)
             if attr == self.family.denoiser_component:
                 self._scale_blocks([a for a in here if a.block_scales])
-
 
     def _activate_layers(
         self,
@@ -175,7 +170,6 @@ class AdapterActivation:
                 layer.set_scale(adapter.adapter_name, strength)
         self._scale_blocks([a for a in wanted if a.block_scales])
 
-
     def _fuse(self, adapter_name: str) -> None:
         """Add one active adapter's delta (at the scales just set) into the denoiser's weights,
         so its layers run as plain matmuls; the base weights are kept aside and put back as
@@ -206,7 +200,6 @@ class AdapterActivation:
             module.merged_adapters.append(adapter_name)  # peft's forward then skips the LoRA
             self.fused.append((module, kept, adapter_name))
 
-
     def _fusable(self, path: str, module: LoraLayer, adapter_name: str) -> bool:
         """Whether `_fuse` adds this layer's delta for `adapter_name` into its weights: a
         plain LoRA layer of the denoiser (DoRA and the like, and a LoRA bias, stay unfused)."""
@@ -219,7 +212,6 @@ class AdapterActivation:
             and not module.merged
         )
 
-
     def _fusion_buffer(self, module: LoraLayer, like: torch.Tensor) -> torch.Tensor:
         buffer = self._fusion_buffers.get(module)
         if (
@@ -231,7 +223,6 @@ class AdapterActivation:
             buffer = self._fusion_buffers[module] = torch.empty_like(like)
         return buffer
 
-
     def unfuse(self) -> None:
         for layer, kept in reversed(self._lycoris_fused):
             layer.weight.data = kept
@@ -240,7 +231,6 @@ class AdapterActivation:
             module.get_base_layer().weight.data = kept
             module.merged_adapters.remove(adapter_name)
         self.fused = []
-
 
     def _scale_blocks(self, adapters: list[ActiveAdapter]) -> None:
         """After each layer got its adapter's strength: strength x block weight in the
@@ -259,8 +249,6 @@ class AdapterActivation:
                     group, index = found
                     module.set_scale(adapter.adapter_name, adapter.strength * weights[group][index])
 
-
-
     def forget_if_using(self, adapter_name: str) -> None:
         """Before an adapter's layers change hands: if the applied stack uses it, unfuse and
         forget the stack (the next request re-activates through the library). Any other stack
@@ -268,7 +256,6 @@ class AdapterActivation:
         if self.active is not None and any(a.adapter_name == adapter_name for a in self.active):
             self.unfuse()
             self.active = None
-
 
 
 def _activate_component(component, names: list[str], weights: list[float]) -> None:

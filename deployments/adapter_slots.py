@@ -177,6 +177,5 @@ def _views_of(flat: torch.Tensor, layout: ByteLayout, parameters: dict) -> bool:
     return all(parameters[matrix.key].data_ptr() == start + matrix.begin for matrix in ends)
 
 
-
 def signature_of_converted(converted: dict[str, torch.Tensor]) -> Signature:
     return frozenset((key, tuple(tensor.shape)) for key, tensor in converted.items())

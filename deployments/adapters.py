@@ -391,6 +391,7 @@ class PipelineAdapters:
                     layers[f"{attr}.{name}"] = module
         return layers
 
+
 def _describe(error: Exception) -> str:
     """The error's message, or its type where it has none (a converter's bare assert)."""
     return str(error) or f"{type(error).__name__} in diffusers' LoRA conversion"

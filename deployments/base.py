@@ -36,11 +36,11 @@ from deployments.loading import load_pipeline
 from deployments.loras.merge import MergeInput, merge_stack
 from deployments.loras.remote import RemoteLoraCache
 from deployments.loras.root_cache import RootCache
-from deployments.loras.store import LoraRef, LoraStore
+from deployments.loras.store import LoraStore
 from deployments.media import encode_image, encode_video
 from deployments.replica_metrics import ReplicaMetrics, gpu_share, resident_memory_mb
 from deployments.replica_reports import RegistryReports
-from deployments.schemas import AdapterUse, GenerationJob, GenerationResult
+from deployments.schemas import AdapterUse, GenerationJob, GenerationResult, LoraRef
 
 
 class DiffusionDeployment:
@@ -289,7 +289,7 @@ class DiffusionDeployment:
         strength 1 (deployments/loras/merge.py), read beside the generation in flight and
         merged under the lock on the tensor thread."""
         uses = [
-            AdapterUse(key=key, name=LoraRef.parse(key).name, strength=ratio, clip_strength=ratio)
+            AdapterUse(ref=LoraRef.parse(key), strength=ratio, clip_strength=ratio)
             for key, ratio in inputs
         ]
         prepared = {use.key: await self.hot.read_shared(use) for use in uses}
@@ -346,7 +346,7 @@ class DiffusionDeployment:
             reports.remove(self.replica_id)
 
     def _read_adapter(self, use: AdapterUse) -> PreparedAdapter:
-        ref = LoraRef.parse(use.key)
+        ref = use.ref
         if use.url is not None:  # through the node's disk cache, checked again against config
             data = self.remote.fetch(use.url)
         else:

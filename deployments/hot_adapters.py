@@ -21,7 +21,7 @@ from deployments.schemas import AdapterUse
 from deployments.shared_reads import SharedReads
 
 
-class HotAdapter:
+class _LruEntry:
     """What the multiplexed LRU holds for one adapter. Serve calls `__del__` on eviction."""
 
     def __init__(self, key: str, adapter_name: str, evict):
@@ -64,7 +64,7 @@ class HotAdapters:
             on_start=metrics.file_reads.inc, on_join=metrics.file_reads_shared.inc
         )
 
-        async def load_adapter(key: str) -> HotAdapter:
+        async def load_adapter(key: str) -> _LruEntry:
             return await self._load(key)
 
         self._get = serve.multiplexed(max_num_models_per_replica=max_adapters)(load_adapter)
@@ -121,7 +121,7 @@ class HotAdapters:
         async with self.hold_read(use) as prepared:
             return prepared
 
-    async def _load(self, key: str) -> HotAdapter:
+    async def _load(self, key: str) -> _LruEntry:
         """The multiplexed loader: runs under the replica's lock, held by `ensure_hot`'s
         caller."""
         prepared = self._staged.pop(key)
@@ -136,9 +136,9 @@ class HotAdapters:
         self._names[key] = adapter_name
         self.loads += 1
         self._on_change()
-        return HotAdapter(key, adapter_name, self._evict)
+        return _LruEntry(key, adapter_name, self._evict)
 
-    def _evict(self, adapter: HotAdapter) -> None:
+    def _evict(self, adapter: _LruEntry) -> None:
         # Serve evicts only inside `_get`, which runs under the lock: no generation is in
         # flight while the adapter's layers are deleted or kept as a free slot. Serve calls
         # `__del__` in its default executor, and the release touches tensors, so it runs on

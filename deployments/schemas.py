@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstraints, model_validator
@@ -189,19 +190,51 @@ class EditRequest(GenerationRequest):
     )
 
 
+_KEY_SEPARATOR = "@"
+
+
+@dataclass(frozen=True)
+class LoraRef:
+    """One version of one adapter file."""
+
+    name: str
+    """Path relative to the root, with forward slashes."""
+    version: str
+    """Changes whenever the file's content may have changed (size, mtime or ETag)."""
+
+    @property
+    def key(self) -> str:
+        """The multiplexed model id: a replica caches adapters per file version. `parse`
+        reads it back; nothing else takes it apart."""
+        return f"{self.name}{_KEY_SEPARATOR}{self.version}"
+
+    @classmethod
+    def parse(cls, key: str) -> LoraRef:
+        """The file version a `key` names (a name may hold the separator; a version never)."""
+        name, _, version = key.rpartition(_KEY_SEPARATOR)
+        return cls(name=name, version=version)
+
+
 class AdapterUse(BaseModel):
     """A resolved adapter as a replica receives it."""
 
     model_config = ConfigDict(extra="forbid")
 
-    key: str = Field(description="name@version: the multiplexed model id of this file version.")
-    name: str
+    ref: LoraRef = Field(description="The file version: its key is the multiplexed model id.")
     url: str | None = Field(
         default=None, description="For a URL source: the checked URL, fetched by the replica."
     )
     strength: float
     clip_strength: float
     block_weights: BlockWeights = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.ref.key
+
+    @property
+    def name(self) -> str:
+        return self.ref.name
 
 
 class GenerationJob(BaseModel):

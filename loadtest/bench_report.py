@@ -36,7 +36,6 @@ DESCRIPTIONS = {
 }
 
 
-
 def meets(figure: str, value: float) -> bool | None:
     if figure not in TARGETS:
         return None

@@ -115,7 +115,8 @@ def run(args: argparse.Namespace, lora_root: Path) -> dict:
 
     from deployments.family import get_family
     from deployments.loras.synthetic import lora_tensors, write_lora
-    from loadtest.bench import ATTENTION_MLP_TARGETS, zipf_choices
+    from loadtest.bench import ATTENTION_MLP_TARGETS
+    from loadtest.bench_http import zipf_choices
     from loadtest.in_process import Rounds, measure_adapters, measure_zipf_workload
 
     diffusers.utils.logging.set_verbosity_error()

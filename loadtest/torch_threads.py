@@ -39,7 +39,8 @@ def timed_requests(pipe, adapters, repeats: int) -> float:
     """Median ms of `repeats` generations, each switching to the next adapter."""
     from deployments.adapters import ActiveAdapter
     from deployments.family import get_family
-    from loadtest.bench import generate, parse_args
+    from loadtest.bench import parse_args
+    from loadtest.bench_images import generate
 
     args = parse_args([])
     family = get_family("flux")

@@ -42,11 +42,12 @@ ranks the replicas, the lifecycle hooks (`on_send_request`, `on_request_complete
 was found for, so a replica chosen for an adapter never goes to a request for another one
 (Serve's FIFO policy would hand it to the oldest pending request of any adapter, which would
 then load its adapter there). `LocalityMixin` gives requests without adapter Serve's locality
-preference. tests/test_adapter_routing.py covers the router against the Ray installed. It needs
-Ray 2.60: before, a routing task could give up a request it had taken, which only a FIFO
-router's other tasks would serve (under Ray 2.59 and 2.58 a request of a burst waited for
-ever). So it is used under the Ray minor versions it was tested with (`ROUTER_RAY_VERSIONS`, as
-pyproject.toml pins), and under any other `serve.app` leaves Serve's default router.
+preference. tests/test_adapter_routing.py (its decisions) and tests/test_routing_serving.py (in
+Serve) cover it against the Ray installed. It needs Ray 2.60: before, a routing task could
+give up a request it had taken, which only a FIFO router's other tasks would serve (under Ray
+2.59 and 2.58 a request of a burst waited for ever). So it is used under the Ray minor
+versions it was tested with (`ROUTER_RAY_VERSIONS`, as pyproject.toml pins), and under any
+other `serve.app` leaves Serve's default router.
 """
 
 from __future__ import annotations
@@ -91,7 +92,7 @@ PICK_TTL_S = 5.0
 # queue-length cache until this router next hears from the replica, taking off only this
 # router's own completions: once another router's requests there have ended, an old answer
 # would make the replica look crowded and spread its adapters for nothing (seen as repeat
-# requests missing behind 2 ingress replicas, tests/test_adapter_routing.py).
+# requests missing behind 2 ingress replicas, tests/test_routing_serving.py).
 REPORT_FRESH_S = 1.0
 
 

@@ -16,7 +16,7 @@ from deployments.errors import InvalidRequest, LoraNotFound, LoraRequired
 from deployments.family import Family, get_family
 from deployments.loras.formats import trigger_words
 from deployments.loras.remote import check_url
-from deployments.loras.store import LoraRef, LoraStore
+from deployments.loras.store import LoraStore
 from deployments.media import decode_input_image
 from deployments.schemas import (
     AUTO_TRIGGER,
@@ -24,6 +24,7 @@ from deployments.schemas import (
     AdapterUse,
     EditRequest,
     GenerationJob,
+    LoraRef,
     LoraSpec,
 )
 from serve.config import AppConfig
@@ -105,8 +106,7 @@ def _adapters_for(
         clip = spec.strength if spec.clip_strength is None else spec.clip_strength
         adapters.append(
             AdapterUse(
-                key=ref.key,
-                name=ref.name,
+                ref=ref,
                 url=url,
                 strength=spec.strength,
                 clip_strength=clip,
@@ -120,8 +120,7 @@ def _adapters_for(
             raise InvalidRequest(f"prompt: {tag.text}: {ref.name} is already in loras")
         adapters.append(
             AdapterUse(
-                key=ref.key,
-                name=ref.name,
+                ref=ref,
                 strength=tag.strength,
                 clip_strength=tag.clip_strength,
             )

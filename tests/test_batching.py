@@ -231,9 +231,9 @@ def test_a_group_is_interrupted_only_once_all_its_requests_went():
 
 
 def job(**fields):
-    from deployments.schemas import AdapterUse, GenerationJob
+    from deployments.schemas import AdapterUse, GenerationJob, LoraRef
 
-    use = AdapterUse(key="a@1", name="a", strength=1.0, clip_strength=1.0)
+    use = AdapterUse(ref=LoraRef("a", "1"), strength=1.0, clip_strength=1.0)
     values = {
         "prompt": "a fox",
         "negative_prompt": "",
@@ -249,13 +249,13 @@ def job(**fields):
 
 def test_the_batch_key_ignores_prompt_and_seed_only():
     from deployments.batching import batch_key
-    from deployments.schemas import AdapterUse
+    from deployments.schemas import AdapterUse, LoraRef
 
     key = batch_key(job())
     assert batch_key(job(prompt="a whale", seed=99)) == key
-    other_use = AdapterUse(key="a@1", name="a", strength=1.0, clip_strength=0.5)
+    other_use = AdapterUse(ref=LoraRef("a", "1"), strength=1.0, clip_strength=0.5)
     weighted = AdapterUse(
-        key="a@1", name="a", strength=1.0, clip_strength=1.0, block_weights={"x": 0.5}
+        ref=LoraRef("a", "1"), strength=1.0, clip_strength=1.0, block_weights={"x": 0.5}
     )
     for different in (
         job(adapters=[]),

@@ -12,7 +12,8 @@ from cluster.train.config import TrainJob
 from deployments.family import Family, get_family
 from deployments.loras.files import parse_lora_file
 from deployments.loras.formats import LORA_ADAPTER_METADATA_KEY
-from deployments.loras.store import LoraRef, LoraStore
+from deployments.loras.store import LoraStore
+from deployments.schemas import LoraRef
 
 KOHYA_SUFFIX = ".kohya.safetensors"
 # kohya's prefixes for a pipeline's CLIP text encoders (CLIP-L in Flux and SDXL, SDXL's

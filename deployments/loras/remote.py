@@ -22,7 +22,7 @@ from filelock import Timeout
 from deployments.config import RemoteLoraConfig
 from deployments.errors import InvalidRequest, LoraNotFound, RemoteFetchFailed, TooLarge
 from deployments.loras.disk_cache import DiskCache, OverBudget
-from deployments.loras.store import LoraRef
+from deployments.schemas import LoraRef
 
 HTTP_SCHEMES = ("http", "https")
 DEFAULT_PORTS = {"http": 80, "https": 443}

@@ -19,7 +19,8 @@ from filelock import Timeout
 
 from deployments.config import LoraRootCacheConfig
 from deployments.loras.disk_cache import DiskCache, OverBudget
-from deployments.loras.store import LoraRef, LoraStore
+from deployments.loras.store import LoraStore
+from deployments.schemas import LoraRef
 
 # How long a replica waits for another process's download of the same file before reading it
 # itself: far beyond a multi-gigabyte file at object-store speeds.

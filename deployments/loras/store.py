@@ -16,13 +16,13 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import BinaryIO
 
 from fsspec.implementations.local import LocalFileSystem
 
 from deployments.errors import LoraNotFound
 from deployments.loras.files import MAX_HEADER_BYTES, read_header
+from deployments.schemas import LoraRef
 from deployments.storage import shared_root
 
 LORA_SUFFIX = ".safetensors"
@@ -32,31 +32,6 @@ PRIVATE_FOLDER = ".loraplex"  # loraplex's own files in the root (the catalog's 
 COPY_CHUNK_BYTES = 8 * 1024 * 1024
 # Bounds the memory of the recent resolves and of the headers' metadata, by names / versions.
 MAX_REMEMBERED = 4096
-
-
-_KEY_SEPARATOR = "@"
-
-
-@dataclass(frozen=True)
-class LoraRef:
-    """One version of one adapter file."""
-
-    name: str
-    """Path relative to the root, with forward slashes."""
-    version: str
-    """Changes whenever the file's content may have changed (size, mtime or ETag)."""
-
-    @property
-    def key(self) -> str:
-        """The multiplexed model id: a replica caches adapters per file version. `parse`
-        reads it back; nothing else takes it apart."""
-        return f"{self.name}{_KEY_SEPARATOR}{self.version}"
-
-    @classmethod
-    def parse(cls, key: str) -> LoraRef:
-        """The file version a `key` names (a name may hold the separator; a version never)."""
-        name, _, version = key.rpartition(_KEY_SEPARATOR)
-        return cls(name=name, version=version)
 
 
 def _not_found(name: str) -> LoraNotFound:

@@ -17,7 +17,8 @@ import logging
 from deployments.errors import LoraIncompatible, LoraNotFound
 from deployments.loras.files import parse_lora_file
 from deployments.loras.formats import inspect_lora
-from deployments.loras.store import LoraRef, LoraStore
+from deployments.loras.store import LoraStore
+from deployments.schemas import LoraRef
 
 logger = logging.getLogger(__name__)
 
