@@ -41,6 +41,13 @@ class AppConfig(BaseModel):
         description="Ray job submission server (the dashboard, e.g. http://127.0.0.1:8265) that "
         "POST /train submits to; auto: the dashboard of the cluster the ingress runs on.",
     )
+    training_node_types: dict[str, dict[str, float]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Node types an autoscaler can add (name -> resources, as ray-cluster.yaml's "
+        "available_node_types declare them): a training job that no node of the cluster holds "
+        "but one of these would is accepted and waits for it, instead of a 422.",
+    )
     api_keys: list[str] = Field(
         default_factory=list,
         max_length=1024,

@@ -7,6 +7,7 @@ job that would fail once its workers start is refused with 422 naming the field 
 
 from __future__ import annotations
 
+from cluster.train.capacity import infeasible_reason
 from cluster.train.checks import check_job
 from cluster.train.config import TrainJob
 from deployments.errors import InvalidRequest, LoraplexError
@@ -23,8 +24,22 @@ def train_job(body: object, job_id: str, config: AppConfig) -> TrainJob:
     """The job `body` asks for, run as `job_id`; refusals are InvalidRequest naming the field.
     It reads the dataset (every image decoded), so the ingress calls it off its event loop."""
     job = validated(TrainJob, job_fields(body, job_id, config))
+    check_capacity(job, config)
     check_servable(job, config)
     return job
+
+
+def check_capacity(job: TrainJob, config: AppConfig) -> None:
+    """Refuse a job no set of the cluster's nodes (or of the node types an autoscaler can add)
+    could ever hold; one that fits but waits for resources in use is accepted (PENDING)."""
+    import ray
+
+    if not ray.is_initialized():  # no cluster to check against: the job's own wait decides
+        return
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    reason = infeasible_reason(job.config, nodes, config.training_node_types.values())
+    if reason is not None:
+        raise InvalidRequest(reason)
 
 
 def job_fields(body: object, job_id: str, config: AppConfig) -> dict:

@@ -125,6 +125,13 @@ class TrainingJobs:
             loss_url=f"/train/{job_id}/{LOSS_CURVE_FILE}",
             logs_url=f"/train/{job_id}/logs",
         )
+        body["jobs_ahead"] = []
+        if body["state"] == "PENDING":  # Ray's own: the job's driver has not started yet
+            body["waiting_for"] = "the Ray job server to start the job's driver"
+        if self._waiting(info, progress):
+            body["state"] = "PENDING"
+            body["message"] = f"Waiting for {progress.waiting_for}."
+            body["jobs_ahead"] = self._jobs_ahead(info)
         if body["state"] in ("FAILED", "STOPPED"):
             body["eta_s"] = None  # status.json stops where the run was cut off
             body["error"] = body["error"] or info.message
@@ -141,7 +148,7 @@ class TrainingJobs:
         return [
             {
                 "job_id": info.submission_id,
-                "state": str(info.status),
+                "state": "PENDING" if self._waiting(info) else str(info.status),
                 "base_model": info.metadata.get("loraplex.base_model"),
                 "lora_name": info.metadata.get("loraplex.lora_name"),
                 "start_time_ms": info.start_time,
@@ -211,6 +218,32 @@ class TrainingJobs:
         if (info.metadata or {}).get("loraplex.kind") != "train":
             raise NotFound(f"training job not found: {job_id}")
         return info
+
+    def _waiting(self, info, progress: RunStatus | None = None) -> bool:
+        """Whether a job Ray runs still waits for its workers' resources (the job's driver
+        runs at once and writes PENDING with what it waits for until they are placed)."""
+        if str(info.status) != "RUNNING":
+            return False
+        progress = progress or self._run_status(info.submission_id)
+        return progress.state == "PENDING" and progress.waiting_for is not None
+
+    def _jobs_ahead(self, info) -> list[str]:
+        """The training jobs submitted before this one that wait too, oldest first: placement
+        groups waiting for the same resources are placed in the order they were made."""
+        earlier = [
+            other
+            for other in self.client.list_jobs()
+            if (other.metadata or {}).get("loraplex.kind") == "train"
+            and other.submission_id
+            and other.submission_id != info.submission_id
+            and (other.start_time or 0) < (info.start_time or 0)
+        ]
+        earlier.sort(key=lambda other: other.start_time or 0)
+        return [
+            other.submission_id
+            for other in earlier
+            if str(other.status) == "PENDING" or self._waiting(other)
+        ]
 
     def _run_status(self, job_id: str) -> RunStatus:
         path = posixpath.join(self._run_path(job_id), STATUS_FILE)

@@ -76,13 +76,43 @@ class TrainConfig(BaseModel):
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     num_workers: int = Field(default=1, ge=1, le=512)
     use_gpu: bool = False
+    cpus_per_worker: float | None = Field(
+        default=None,
+        ge=0,
+        le=512,
+        description="Logical CPUs per worker; None: 1, or 0 with use_gpu (Ray Train's "
+        "defaults). Below 1 lets a job run beside `make serve` on a small machine.",
+    )
+    gpus_per_worker: float = Field(default=1.0, gt=0, le=16, description="With use_gpu.")
     accelerator_type: str | None = Field(
-        default=None, max_length=32, description='e.g. "A100" on production GPU nodes.'
+        default=None,
+        max_length=32,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description='e.g. "A100": workers go only to nodes declaring the resource '
+        '"accelerator_type:A100".',
+    )
+    start_timeout_s: float = Field(
+        default=600.0,
+        ge=1,
+        le=7 * 86400,
+        description="How long a job waits for its workers' resources before it fails.",
     )
     max_failures: int = Field(default=2, ge=0, le=100, description="Worker failures tolerated.")
     export_kohya: bool = Field(
         default=False, description="Also write <output>.kohya.safetensors for ComfyUI/A1111."
     )
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> TrainConfig:
+        if self.worker_cpus == 0 and not self.use_gpu:
+            raise ValueError("cpus_per_worker: 0 needs use_gpu (a worker needs a CPU or a GPU)")
+        return self
+
+    @property
+    def worker_cpus(self) -> float:
+        if self.cpus_per_worker is not None:
+            return self.cpus_per_worker
+        return 0.0 if self.use_gpu else 1.0
 
 
 class ImageUrl(BaseModel):
@@ -170,3 +200,6 @@ class RunStatus(BaseModel):
         default_factory=list, description="Peak resident memory of each worker, MiB."
     )
     workers: int | None = None
+    waiting_for: str | None = Field(
+        default=None, description="While PENDING: the resources the workers wait for."
+    )

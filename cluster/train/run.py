@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import time
 
 import ray
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.util.placement_group import placement_group, remove_placement_group
 
 from cluster.train import progress
+from cluster.train.capacity import infeasible_reason, waiting_for, worker_resources
 from cluster.train.checks import check_job
 from cluster.train.config import CHECKPOINTS_FOLDER, JOB_FILE, RunStatus, TrainJob
 from cluster.train.data import DatasetSummary
@@ -25,6 +28,8 @@ from cluster.train.publish import publish
 
 logger = logging.getLogger(__name__)
 
+WAIT_POLL_S = 2.0  # how often a pending job rewrites what it waits for
+
 
 def make_trainer(job: TrainJob, summary: DatasetSummary) -> TorchTrainer:
     config = job.config
@@ -33,7 +38,7 @@ def make_trainer(job: TrainJob, summary: DatasetSummary) -> TorchTrainer:
         num_workers=config.num_workers,
         use_gpu=config.use_gpu,
         accelerator_type=config.accelerator_type,
-        resources_per_worker=None if config.use_gpu else {"CPU": 1},
+        resources_per_worker=worker_resources(config),
     )
     # Ray keeps the run's checkpoints in `<run_dir>/checkpoints/checkpoint_*`, the layout the
     # API reads (see config.py).
@@ -66,9 +71,14 @@ def run(job: TrainJob, summary: DatasetSummary | None = None) -> RunStatus:
     summary = summary or check_job(job)
     run_dir = run_dir_for(job)
     progress.write_file(posixpath.join(run_dir, JOB_FILE), job.model_dump_json(indent=2).encode())
-    progress.write_status(run_dir, RunStatus(state="RUNNING", total_steps=summary.total_steps))
     if not ray.is_initialized():
         ray.init()
+    refused = wait_for_workers(job, run_dir, summary.total_steps)
+    if refused is not None:
+        status = RunStatus(state="FAILED", total_steps=summary.total_steps, error=refused)
+        progress.write_status(run_dir, status)
+        return status
+    progress.write_status(run_dir, RunStatus(state="RUNNING", total_steps=summary.total_steps))
     try:
         result = make_trainer(job, summary).fit()
         error = result.error
@@ -91,3 +101,35 @@ def run(job: TrainJob, summary: DatasetSummary | None = None) -> RunStatus:
     progress.write_status(run_dir, status)
     logger.info("published %s", ", ".join(ref.name for ref in refs))
     return status
+
+
+def wait_for_workers(job: TrainJob, run_dir: str, total_steps: int) -> str | None:
+    """Wait until the cluster has room for every worker, writing PENDING and what the job waits
+    for into status.json; the reason it gave up after `config.start_timeout_s`, or None.
+
+    Room is asked of Ray's scheduler itself: a placement group of the workers' bundles, packed
+    as Ray Train packs them, removed once placed so the trainer's own takes its place."""
+    config = job.config
+    bundles = [worker_resources(config)] * config.num_workers
+    group = placement_group(bundles, strategy="PACK")
+    placed = group.ready()
+    deadline = time.monotonic() + config.start_timeout_s
+    try:
+        while True:
+            ready, _ = ray.wait([placed], timeout=WAIT_POLL_S)
+            if ready:
+                return None
+            waiting = waiting_for(config, ray.available_resources())
+            alive = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+            lost = infeasible_reason(config, alive)
+            if lost is not None:  # nodes left since the job was accepted
+                waiting = f"{waiting} ({lost.split(': ', 1)[1]})"
+            if time.monotonic() > deadline:
+                return (
+                    f"config.start_timeout_s: the workers waited {config.start_timeout_s:g} s "
+                    f"for {waiting}"
+                )
+            pending = RunStatus(state="PENDING", total_steps=total_steps, waiting_for=waiting)
+            progress.write_status(run_dir, pending)
+    finally:
+        remove_placement_group(group)
