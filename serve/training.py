@@ -97,12 +97,20 @@ class TrainingJobs:
                 Path(folder, JOB_FILE).write_text(job_json)
                 runtime_env["working_dir"] = folder
                 config_arg = JOB_FILE
-            client.submit_job(
-                entrypoint=f"{python} -m cluster.train --config {shlex.quote(config_arg)}",
-                submission_id=job_id,
-                runtime_env=runtime_env,
-                metadata=job_metadata(job),
-            )
+            try:
+                client.submit_job(
+                    entrypoint=f"{python} -m cluster.train --config {shlex.quote(config_arg)}",
+                    submission_id=job_id,
+                    runtime_env=runtime_env,
+                    metadata=job_metadata(job),
+                )
+            except RuntimeError as e:
+                # The SDK's HTTP failures, such as "No available agent to submit job" while
+                # the head's dashboard agent is (re)starting: nothing was submitted.
+                self.fs.rm(run, recursive=True)
+                raise JobServerUnavailable(
+                    f"the Ray job server did not take the job: {str(e)[:300]}"
+                ) from e
         return {"job_id": job_id, "status_url": f"/train/{job_id}"}
 
     # Reading
