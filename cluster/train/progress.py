@@ -14,6 +14,7 @@ import uuid
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image, ImageDraw
 
+from cluster.train import metrics
 from cluster.train.config import (
     CHECKPOINTS_FOLDER,
     LOSS_CURVE_FILE,
@@ -44,6 +45,7 @@ def write_file(uri: str, data: bytes) -> None:
 
 def write_status(run_dir: str, status: RunStatus) -> None:
     write_file(posixpath.join(run_dir, STATUS_FILE), status.model_dump_json(indent=2).encode())
+    metrics.record_progress(run_dir, status)
 
 
 def read_status(run_dir: str) -> RunStatus | None:
