@@ -22,11 +22,7 @@ from typing import Any
 import torch
 from ray import serve
 
-from deployments.adapters import (
-    ActiveAdapter,
-    PipelineAdapters,
-    PreparedAdapter,
-)
+from deployments.adapters import ActiveAdapter, PipelineAdapters, PreparedAdapter
 from deployments.batching import GroupRenders, batch_key, batched_pipeline_kwargs
 from deployments.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
 from deployments.family import get_family
@@ -39,8 +35,10 @@ from deployments.loras.root_cache import RootCache
 from deployments.loras.store import LoraStore
 from deployments.media import encode_image, encode_video
 from deployments.replica_metrics import ReplicaMetrics, gpu_share, resident_memory_mb
+from deployments.replica_placement import replica_placement
 from deployments.replica_reports import RegistryReports
 from deployments.schemas import AdapterUse, GenerationJob, GenerationResult, LoraRef
+from deployments.warm_start import begin_warm_start
 
 
 class DiffusionDeployment:
@@ -83,6 +81,7 @@ class DiffusionDeployment:
         self.replica_id = context.replica_id.unique_id
         self._reports = RegistryReports(context.app_name, self.describe, registry_for)
         self._gpu_share = gpu_share()
+        self._placement = replica_placement(str(self.pipe.device))
 
         if self.model.max_batch_size > 1:
             # Wrapped here, per replica, with this model's limits. Serve splits a batch by
@@ -100,9 +99,12 @@ class DiffusionDeployment:
             self._in_torch_thread,
             self._in_torch_thread_now,
             self.metrics,
-            self._report,
+            self._reports.report,
         )
-        self._report()
+        self._reports.report()
+        self._warm_start = begin_warm_start(  # its deployment's recent adapters, beside serving
+            self.model.name, self.hot, self._lock, self._reports, self.store.resolve
+        )
 
     def _load_pipeline(self) -> tuple[object, PipelineAdapters]:
         self._torch_thread = threading.get_ident()
@@ -187,7 +189,7 @@ class DiffusionDeployment:
                 self._render, job, active, interrupted
             )
         if interrupted.is_set():
-            self._report()  # renders_interrupted, for /models
+            self._reports.report()  # renders_interrupted, for /models
         return image, inference_ms, cache
 
     async def _generate_batched(self, job: GenerationJob, staged: dict):
@@ -246,7 +248,7 @@ class DiffusionDeployment:
                     outcomes[index] = (image, elapsed_ms / len(group))
         finally:
             self._group_renders.finish(jobs)
-        self._report()  # the batch counters, for /models
+        self._reports.report()  # the batch counters, for /models
         return outcomes
 
     async def _render_group(self, jobs: list[GenerationJob], interrupted: threading.Event):
@@ -307,7 +309,9 @@ class DiffusionDeployment:
         return {
             "deployment": self.model.name,
             "replica_id": self.replica_id,
+            **self._placement,  # node, GPU share and ids, device
             "hot_adapters": [LoraRef.parse(key).name for key in self.hot.keys()],
+            "max_adapters_per_replica": self.model.max_adapters_per_replica,
             "adapter_loads": self.hot.loads,
             # Loads that built new layers; the others refilled the layers of an evicted adapter.
             "adapter_fresh_loads": self.adapters.fresh_loads,
@@ -331,7 +335,7 @@ class DiffusionDeployment:
 
     def check_health(self) -> None:
         # Serve calls this every health_check_period_s: it doubles as the registry heartbeat.
-        self._report()
+        self._reports.report()
         if self.adapters.broken is not None:
             # A load changed the base model in a way that could not be undone: Serve replaces
             # this replica rather than let it serve a model that is not the configured one.
@@ -393,6 +397,3 @@ class DiffusionDeployment:
         if self.family.output == "video":
             return encode_video(list(media), self.family.media_type, job.fps)
         return encode_image(media, self.family.media_type)
-
-    def _report(self) -> None:
-        self._reports.report()

@@ -80,6 +80,13 @@ class Overloaded(LoraplexError):
     code = "overloaded"
 
 
+class ReplicaUnavailable(LoraplexError):
+    """The replica serving a request was lost (its node died, or it cannot be reached) or the
+    deployment has none to give: the request may succeed once Serve has replaced it."""
+
+    code = "replica_unavailable"
+
+
 class JobServerUnavailable(LoraplexError):
     """Ray's job submission server (part of the dashboard) cannot be reached."""
 

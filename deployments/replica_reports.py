@@ -8,6 +8,7 @@ reports its state as it is then.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -62,6 +63,14 @@ class RegistryReports:
         with self._lock:
             self._retry_pending = False
         self.report()
+
+    async def recent_adapters(self, deployment: str, timeout_s: float) -> list[str]:
+        """The adapters `deployment`'s replicas held most recently (the registry keeps them
+        after those replicas are gone), the oldest first; none without a registry."""
+        registry = self._registry()
+        if registry is None:
+            return []
+        return await asyncio.wait_for(registry.recent_adapters.remote(deployment), timeout_s)
 
     def remove(self, replica_id: str) -> None:
         registry = self._registry()

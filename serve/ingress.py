@@ -10,9 +10,11 @@ import secrets
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import LoraplexError, TooLarge, Unauthorized
+from deployments.errors import LoraplexError, ReplicaUnavailable, TooLarge, Unauthorized
 from serve.config import AppConfig
 from serve.routes import generation, loras, operations, training
 from serve.routes.services import Services, current_services, replica_error
@@ -29,10 +31,16 @@ STATUS_BY_CODE = {
     "invalid_request": 422,
     "lora_fetch_failed": 502,
     "overloaded": 503,
+    "replica_unavailable": 503,
     "job_server_unavailable": 503,
 }
 PUBLIC_PATHS = ("/healthz", "/docs", "/openapi.json")
 RETRY_AFTER_S = 1
+# What a handle call raises when its replica is gone: the replica's node died (ActorDiedError)
+# or cannot be reached (ActorUnavailableError), both RayActorError, or Serve has no replica to
+# give. Serve retries a request the replica had not yet accepted; one it had accepted fails with
+# these. A retry waits in the handle's queue until Serve has started a replacement.
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 app = FastAPI(
     title="loraplex",
@@ -76,6 +84,19 @@ async def loraplex_error(request: Request, error: LoraplexError) -> JSONResponse
     cause = replica_error(error)
     cause = cause if isinstance(cause, LoraplexError) else error
     return _error_response(cause)
+
+
+async def replica_lost(request: Request, error: Exception) -> JSONResponse:
+    """REPLICA_LOST, from any route's handle call, as 503 `replica_unavailable`."""
+    where = f"{request.method} {request.url.path}"
+    lost = ReplicaUnavailable(
+        f"{where}: the replica serving it is gone ({type(error).__name__}); retry shortly"
+    )
+    return _error_response(lost)
+
+
+for _lost in REPLICA_LOST:
+    app.add_exception_handler(_lost, replica_lost)
 
 
 def _check_api_key(request: Request, api_keys: list[str]) -> None:

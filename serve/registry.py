@@ -4,13 +4,17 @@ the adapter routers of the ingress replicas agree on where a new adapter goes.
 Ray Serve routes on each replica's multiplexed model ids but exposes no public API to read them,
 so each replica reports its own state here (deployments/replica_reports.py, which finds this
 actor by name): on every cache change, and from `check_health`, which Serve calls periodically
-and so doubles as a heartbeat. Silent replicas age out. The ingress creates the actor.
+and so doubles as a heartbeat. Silent replicas age out, and those of a node that died are gone
+at once. Each deployment's recently hot adapters outlive its replicas, so a replica that
+starts (after a node was lost, or to scale up) loads them again (deployments/warm_start.py).
+The actor runs on the head node, beside Serve's controller: it must outlive any other node.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import ray
 
@@ -21,6 +25,10 @@ STALE_AFTER_S = 60.0
 # own placements, serve/adapter_router.py).
 CLAIM_TTL_S = 120.0
 MAX_CLAIMS = 4096
+# How long the registry trusts its view of which nodes are alive (one GCS call per refresh).
+NODES_TTL_S = 1.0
+# Ray's resource that only the head node has; Serve's controller asks for a sliver of it too.
+HEAD_NODE_RESOURCE = "node:__internal_head__"
 
 
 def drop_stale(entries: OrderedDict, now: float, ttl_s: float, max_entries: int) -> None:
@@ -86,10 +94,39 @@ class ReplicaStates:
         self._removed = {k: t for k, t in self._removed.items() if now - t < self._stale_after_s}
         self._removed[replica_id] = now
 
+    def remove_on_nodes(self, node_ids: Iterable[str]) -> None:
+        """Remove the replicas that reported from these nodes (nodes that died: their replicas
+        never said goodbye)."""
+        dead = set(node_ids)
+        for replica_id, (_, _, state) in list(self._states.items()):
+            if state.get("node_id") in dead:
+                self.remove(replica_id)
+
     def snapshot(self) -> list[dict]:
         now = time.monotonic()
         self._states = {k: v for k, v in self._states.items() if now - v[0] < self._stale_after_s}
         return [state for _, _, state in self._states.values()]
+
+
+class RecentAdapters:
+    """Per deployment, the adapters its replicas reported hot, most recent last, at most the
+    deployment's `max_adapters_per_replica`. A replica's death does not remove its adapters:
+    this is what a replica that replaces it loads."""
+
+    def __init__(self) -> None:
+        self._recent: dict[str, OrderedDict[str, None]] = {}
+
+    def report(self, state: dict) -> None:
+        recent = self._recent.setdefault(state["deployment"], OrderedDict())
+        for name in state.get("hot_adapters", []):  # in load order: the newest last
+            recent[name] = None
+            recent.move_to_end(name)
+        limit = state.get("max_adapters_per_replica") or len(recent)
+        while len(recent) > limit:
+            recent.popitem(last=False)
+
+    def of(self, deployment: str) -> list[str]:
+        return list(self._recent.get(deployment, ()))
 
 
 @ray.remote(num_cpus=0)
@@ -97,9 +134,16 @@ class ReplicaRegistry:
     def __init__(self) -> None:
         self._states = ReplicaStates()
         self._claims = PlacementClaims()
+        self._recent = RecentAdapters()
+        self._nodes_checked = -NODES_TTL_S
 
     def report(self, state: dict, report_number: int) -> None:
         self._states.report(state, report_number)
+        self._recent.report(state)
+
+    def recent_adapters(self, deployment: str) -> list[str]:
+        """The adapters `deployment`'s replicas held most recently, the oldest first."""
+        return self._recent.of(deployment)
 
     def remove(self, replica_id: str) -> None:
         self._states.remove(replica_id)
@@ -111,14 +155,21 @@ class ReplicaRegistry:
         return self._claims.claim(deployment, adapter_key, replica_id, candidate_ids)
 
     def snapshot(self) -> list[dict]:
+        now = time.monotonic()
+        if now - self._nodes_checked >= NODES_TTL_S:
+            self._nodes_checked = now
+            self._states.remove_on_nodes(
+                node["NodeID"] for node in ray.nodes() if not node["Alive"]
+            )
         return self._states.snapshot()
 
 
 def registry_for(app_name: str):
-    """The app's registry actor, created by whichever process asks first."""
+    """The app's registry actor, created by whichever process asks first, on the head node."""
     return ReplicaRegistry.options(
         name=registry_name(app_name),
         namespace=NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
+        resources={HEAD_NODE_RESOURCE: 0.001},
     ).remote()
