@@ -24,6 +24,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from cluster.train.config import (
+    CLUSTER_ADDRESS_ENV,
     JOB_FILE,
     LOSS_CURVE_FILE,
     SAMPLES_FOLDER,
@@ -271,12 +272,12 @@ class TrainingJobs:
 
 
 def job_runtime_env(gcs_address: str | None) -> dict:
-    """The job's environment variables. With the cluster's GCS address as RAY_ADDRESS, Ray
-    Train's helper actors that query the state API find this cluster even where a machine runs
-    several (they would otherwise refuse to guess among them)."""
+    """The job's environment variables, with the cluster's GCS address as CLUSTER_ADDRESS_ENV:
+    Ray's job supervisor sets RAY_ADDRESS to the cluster it finds itself, which is the latest
+    one started where a machine runs several, not necessarily this one."""
     env_vars = {name: os.environ[name] for name in JOB_ENV_VARS if name in os.environ}
     if gcs_address:
-        env_vars["RAY_ADDRESS"] = gcs_address
+        env_vars[CLUSTER_ADDRESS_ENV] = gcs_address
     return {"env_vars": env_vars}
 
 

@@ -29,6 +29,9 @@ CHECKPOINTS_FOLDER = "checkpoints"
 LrScheduler = Literal["constant", "cosine", "linear", "cosine_with_restarts"]
 Optimizer = Literal["adamw", "adafactor", "adamw8bit", "lion"]
 MixedPrecision = Literal["no", "fp16", "bf16"]
+# The GCS address of the cluster a job was submitted to, set by the API in the job's
+# environment; the job's driver connects there (cluster/train/run.py).
+CLUSTER_ADDRESS_ENV = "LORAPLEX_RAY_ADDRESS"
 RunState = Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"]
 
 

@@ -19,7 +19,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from cluster.train import progress
 from cluster.train.capacity import infeasible_reason, waiting_for, worker_resources
 from cluster.train.checks import check_job
-from cluster.train.config import CHECKPOINTS_FOLDER, JOB_FILE, RunStatus, TrainJob
+from cluster.train.config import (
+    CHECKPOINTS_FOLDER,
+    CLUSTER_ADDRESS_ENV,
+    JOB_FILE,
+    RunStatus,
+    TrainJob,
+)
 from cluster.train.data import DatasetSummary
 from cluster.train.loop import ADAPTER_FILE, train_loop
 from cluster.train.loop_config import loop_config_for
@@ -72,7 +78,10 @@ def run(job: TrainJob, summary: DatasetSummary | None = None) -> RunStatus:
     run_dir = run_dir_for(job)
     progress.write_file(posixpath.join(run_dir, JOB_FILE), job.model_dump_json(indent=2).encode())
     if not ray.is_initialized():
-        ray.init()
+        address = os.environ.get(CLUSTER_ADDRESS_ENV)
+        if address:  # as RAY_ADDRESS too, for Ray Train's helper actors that query the state API
+            os.environ["RAY_ADDRESS"] = address
+        ray.init(address=address)
     refused = wait_for_workers(job, run_dir, summary.total_steps)
     if refused is not None:
         status = RunStatus(state="FAILED", total_steps=summary.total_steps, error=refused)
