@@ -1,5 +1,6 @@
 """The sdxl family: the tiny StableDiffusionXLPipeline, its request mapping, and its LoRAs in
-diffusers and kohya formats, UNet and both text encoders."""
+diffusers and kohya formats, UNet and both text encoders (what every family keeps is in
+tests/test_family_contract.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from deployments import load_pipeline
 from deployments.adapters import PipelineAdapters
 from deployments.family import get_family
 from deployments.schemas import GenerationJob
-from deployments.sdxl import FAMILY, build_tiny_sdxl
+from deployments.sdxl import FAMILY
 from tests.adapter_helpers import CLIP_TARGETS, PROMPT, image, loaded, on, with_adapters
 from tests.family_helpers import production_job
 from tests.lora_files import lora_tensors
@@ -31,7 +32,7 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 FORMAT_TOLERANCE = 1e-4
 # Mean abs pixel difference (floats in [0, 1]) that counts as a visible change: 1.3 grey levels.
 # Measured at adapter_helpers.SMALL (128 px, 2 steps): rank-4 UNet attention LoRA 0.045, LoRA
-# on both text encoders 0.028, negative prompt 0.017, another prompt 0.007.
+# on both text encoders 0.028.
 VISIBLE = 0.005
 
 
@@ -45,7 +46,6 @@ def files(pipe):
     """LoRA tensors made from the bare models, before any test wraps their layers with peft's."""
     return {
         "unet": lora_tensors(pipe.unet, "unet", 1, targets=UNET_TARGETS),
-        "unet_b": lora_tensors(pipe.unet, "unet", 2, targets=UNET_TARGETS),
         **{
             attr: lora_tensors(getattr(pipe, attr), attr, 3 + i, targets=CLIP_TARGETS)
             for i, attr in enumerate(TEXT_ENCODERS)
@@ -119,7 +119,7 @@ def kohya_sdxl(pipe, files, alpha: float):
     return kohya, diffusers
 
 
-def test_tiny_sdxl_is_an_sdxl_pipeline_deterministic_per_seed(pipe):
+def test_tiny_sdxl_has_the_sdxl_components(pipe):
     assert isinstance(pipe, StableDiffusionXLPipeline)
     assert isinstance(pipe.unet, UNet2DConditionModel)
     assert pipe.unet.config.addition_embed_type == "text_time"
@@ -127,11 +127,6 @@ def test_tiny_sdxl_is_an_sdxl_pipeline_deterministic_per_seed(pipe):
     assert type(pipe.text_encoder) is CLIPTextModel
     assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler)
-    assert pipe.dtype == torch.float32 and pipe.device.type == "cpu"
-    first = image(pipe, seed=3)
-    assert first.shape == (128, 128, 3)
-    assert np.array_equal(image(pipe, seed=3), first)
-    assert not np.array_equal(image(pipe, seed=4), first)
 
 
 def test_production_defaults_render_a_1024_square(pipe):
@@ -154,40 +149,10 @@ def test_pipeline_kwargs_map_the_job():
     assert with_negative["guidance_scale"] == 5.0
 
 
-def test_prompt_negative_prompt_and_size_change_the_image(pipe, base):
-    assert np.abs(image(pipe, prompt="a blue car on a road") - base).mean() > VISIBLE
-    assert np.abs(image(pipe, negative_prompt="blurry") - base).mean() > VISIBLE
+def test_sizes_step_by_32_pixels(pipe):
     multiple = FAMILY.size_multiple(pipe)
     assert multiple == pipe.vae_scale_factor == 32
     assert image(pipe, width=3 * multiple, height=5 * multiple).shape == (160, 96, 3)
-
-
-def test_two_tiny_builds_are_identical(pipe, base):
-    assert np.array_equal(image(build_tiny_sdxl()), base)
-
-
-def test_saved_model_loads_from_a_folder(pipe, base, tmp_path):
-    pipe.save_pretrained(tmp_path / "tiny-sdxl")
-    loaded = load_pipeline("sdxl", str(tmp_path / "tiny-sdxl"))
-    assert isinstance(loaded, StableDiffusionXLPipeline)
-    assert np.array_equal(image(loaded), base)
-
-
-def test_lora_changes_the_image_zero_is_the_base_and_delete_restores_it(
-    adapters, pipe, files, base
-):
-    before = sum(p.numel() for p in pipe.unet.parameters())
-    assert adapters.check(files["unet"], "a") == len(files["unet"])
-    assert adapters.load("a", files["unet"], "a") == len(files["unet"]) // 2
-    with_lora = with_adapters(adapters, on("a"))
-    assert np.abs(with_lora - base).mean() > 4 * VISIBLE
-    assert np.array_equal(with_adapters(adapters, on("a", 0.0, 0.0)), base)
-    assert np.array_equal(with_adapters(adapters), base)
-    assert np.array_equal(with_adapters(adapters, on("a")), with_lora)
-    adapters.delete("a")
-    assert sum(p.numel() for p in pipe.unet.parameters()) == before
-    assert pipe.get_list_adapters() == {}
-    assert np.array_equal(image(pipe), base)
 
 
 def test_kohya_sdxl_file_matches_its_diffusers_form(adapters, pipe, files, base):
@@ -235,15 +200,6 @@ def test_clip_strength_scales_both_text_encoders(adapters, pipe, files, base, ba
     # clip_strength 0 is the UNet LoRA alone, exactly.
     adapters.load("unet", files["unet"], "unet")
     assert np.array_equal(with_adapters(adapters, on("unet")), unet_only)
-
-
-def test_two_unet_adapters_stack(adapters, files, base):
-    adapters.load("a", files["unet"], "a")
-    adapters.load("b", files["unet_b"], "b")
-    a = with_adapters(adapters, on("a"))
-    stacked = with_adapters(adapters, on("a"), on("b", 0.5))
-    assert np.abs(stacked - a).mean() > VISIBLE
-    assert np.array_equal(with_adapters(adapters, on("a"), on("b", 0.0)), a)
 
 
 def test_lora_markers_name_sdxl_keys_and_no_flux_module(pipe, files):

@@ -1,4 +1,5 @@
-"""The wan family: tiny WanPipeline, production-default video, job rules and Wan LoRA formats."""
+"""The wan family: tiny WanPipeline, production-default video, job rules and Wan LoRA formats
+(what every family keeps is in tests/test_family_contract.py)."""
 
 from __future__ import annotations
 
@@ -131,23 +132,9 @@ def test_production_defaults_give_33_frames_of_832x480_as_animated_webp(pipe):
             assert abs(webp.info["duration"] - 1000 / 16) <= 1
 
 
-def test_tiny_wan_is_deterministic_and_reacts_to_seed_and_prompt(pipe, base):
+def test_tiny_wan_samples_with_unipc(pipe):
     assert isinstance(pipe, WanPipeline)
     assert isinstance(pipe.scheduler, UniPCMultistepScheduler)
-    assert pipe.dtype == torch.float32 and pipe.device.type == "cpu"
-    assert base.shape == (9, 96, 128, 3)
-    assert np.array_equal(video(pipe), base)
-    assert np.array_equal(video(load_pipeline("wan", "tiny://wan")), base)
-    assert np.abs(video(pipe, seed=1) - base).mean() > 0.05
-    # Measured: 11 grey levels (0.045) at this size, 19 at the production defaults.
-    assert np.abs(video(pipe, prompt="a blue car on a road") - base).mean() > 0.02
-
-
-def test_saved_model_loads_from_a_folder(pipe, base, tmp_path):
-    pipe.save_pretrained(tmp_path / "tiny-wan")
-    loaded = load_pipeline("wan", str(tmp_path / "tiny-wan"))
-    assert isinstance(loaded.scheduler, UniPCMultistepScheduler)
-    assert np.array_equal(video(loaded), base)
 
 
 def test_pipeline_kwargs_map_the_video_fields():
@@ -182,24 +169,6 @@ def test_other_lengths_are_refused_naming_the_rule(length):
     assert error.value.message == (
         f"length: must be 4k+1 frames for Wan (e.g. 33, 49, 81), got {length}"
     )
-
-
-def test_attention_lora_changes_the_video_and_off_zero_or_deleted_is_the_base(
-    adapters, pipe, files, base
-):
-    before = sum(p.numel() for p in pipe.transformer.parameters())
-    assert adapters.check(files["a"], "a") == len(files["a"])
-    assert adapters.load("a", files["a"], "a") == len(files["a"]) // 2 == 8
-    with_lora = with_adapters(adapters, on("a"))
-    # Measured: 24 grey levels (0.094) at this size, 33 at the production defaults.
-    assert np.abs(with_lora - base).mean() > 0.02
-    assert np.array_equal(with_adapters(adapters), base)
-    assert np.array_equal(with_adapters(adapters, on("a", 0.0)), base)
-    assert np.array_equal(with_adapters(adapters, on("a")), with_lora)
-    adapters.delete("a")
-    assert sum(p.numel() for p in pipe.transformer.parameters()) == before
-    assert pipe.get_list_adapters() == {}
-    assert np.array_equal(video(pipe), base)
 
 
 @pytest.mark.parametrize("layout", ["comfy", "musubi"])
