@@ -40,8 +40,10 @@ from deployments.errors import LoraIncompatible
 from deployments.family import Family
 from deployments.lora_anatomy import FileAnatomy
 from deployments.lora_check import MAX_KEY_EXAMPLES, LoraChecker
-from deployments.loras.files import parse_lora_file, read_header
-from deployments.loras.formats import adapter_configs, apply_metadata_alpha
+from deployments.loras.files import header_metadata, parse_lora_file, read_header
+from deployments.loras.formats import apply_metadata_alpha
+from deployments.loras.metadata import LORA_ADAPTER_METADATA_KEY, lora_metadata
+from deployments.loras.tensors import check_values
 
 MAX_BYTE_LAYOUTS = 256  # file layouts remembered per pipeline (`prepare`), least recent dropped
 # Headers up to this size are also remembered whole, as the fastest key; longer ones (kohya's
@@ -228,30 +230,34 @@ class PipelineAdapters:
         """Read a `.safetensors` LoRA and check it against this model (`check`), without
         touching the pipeline; LoraIncompatible for a file that cannot load. A file whose
         layout was seen before (same header entries and adapter metadata) is neither parsed
-        nor converted again: its bytes load straight into a free slot (`byte_layouts`). Safe to
-        call beside a generation."""
+        nor converted again: its bytes load straight into a free slot (`byte_layouts`), once
+        their values are checked. Safe to call beside a generation."""
         header_len = byte_layouts.header_length(data) if len(data) >= 8 else 0
         raw_key = bytes(data[8 : 8 + header_len]) if 0 < header_len <= MAX_RAW_KEY_BYTES else None
         layout = self._known_layouts.get(raw_key, data)
-        if layout is not None:
-            return PreparedAdapter(label, data, layout=layout)
-        header = read_header(data, label)
-        metadata = header.get("__metadata__") or {}
-        try:
-            entries_key = byte_layouts.layout_key(
-                header, header_len, adapter_configs(metadata if isinstance(metadata, dict) else {})
-            )
-        except (KeyError, TypeError, ValueError):
-            entries_key = None  # a malformed entry: safetensors' parse below names the fault
-        layout = self._known_layouts.get(entries_key, data)
-        if layout is not None:
+        if layout is None:
+            header = read_header(data, label)
+            metadata = header_metadata(header)
+            lora_metadata(metadata, label)  # a layout hit must not skip what a parse refuses
+            try:
+                configs = metadata.get(LORA_ADAPTER_METADATA_KEY)
+                entries_key = byte_layouts.layout_key(header, header_len, configs)
+            except (KeyError, TypeError, ValueError):
+                entries_key = None  # a malformed entry: safetensors' parse names the fault
+            layout = self._known_layouts.get(entries_key, data)
+            if layout is None:
+                return self._parse_and_check(data, label, header, raw_key, entries_key)
             self._known_layouts.remember(raw_key, layout)
-            return PreparedAdapter(label, data, layout=layout)
+        # The layout's file had sound values; these bytes are another file's (NaN, inf).
+        check_values(byte_layouts.matrices_in(layout, data), label)
+        return PreparedAdapter(label, data, layout=layout)
+
+    def _parse_and_check(self, data, label, header, raw_key, entries_key) -> PreparedAdapter:
         parsed, metadata = parse_lora_file(data, label)
         tensors = apply_metadata_alpha(parsed, metadata, label)
         checked = self.checker.check(tensors, label)
         clones, converted = checked.clones, checked.converted
-        slot_layout = None
+        slot_layout = layout = None
         if checked.lycoris is None:
             slot_layout = slot_layout_of(converted, checked.network_alphas)
         if slot_layout is not None and entries_key is not None:

@@ -127,6 +127,12 @@ def data_of(layout: ByteLayout, data: bytes) -> torch.Tensor:
         )
 
 
+def matrices_in(layout: ByteLayout, data: bytes) -> list[tuple[str, torch.Tensor]]:
+    """(key, the matrix as `data` holds it) for each matrix of the layout, as views (no copy)."""
+    source = data_of(layout, data)
+    return [(m.key, source[m.begin : m.end].view(m.dtype).view(m.shape)) for m in layout.matrices]
+
+
 def pack(
     layout: ByteLayout, data: bytes, parameters: dict[str, torch.nn.Parameter]
 ) -> torch.Tensor | None:

@@ -146,4 +146,4 @@ def _trigger_words(trigger_word: str | None, refs: list[LoraRef], store: LoraSto
     if trigger_word != AUTO_TRIGGER:
         return [trigger_word] if trigger_word else []
     stored = [ref for ref in refs if "://" not in ref.name]  # store names never hold ://
-    return [word for ref in stored for word in trigger_words(store.read_metadata(ref))]
+    return [word for ref in stored for word in trigger_words(store.read_metadata(ref), ref.name)]

@@ -163,7 +163,7 @@ def test_metadata_alpha_honours_peft_patterns_and_refuses_junk():
     assert torch.equal(folded["transformer.a.to_k.lora_B.weight"], torch.full((8, 4), 2.0))
     assert apply_metadata_alpha(lora, {}) is lora
     junk = {"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": "lots"})}
-    with pytest.raises(LoraIncompatible, match="lora_adapter_metadata: unreadable"):
+    with pytest.raises(LoraIncompatible, match="lora_adapter_metadata: transformer.lora_alpha"):
         apply_metadata_alpha(lora, junk, "x.safetensors")
 
 

@@ -7,9 +7,7 @@ uploads, and `trigger_word: "auto"`.
 
 from __future__ import annotations
 
-import json
 import math
-import re
 from collections import Counter
 
 import torch
@@ -24,15 +22,12 @@ from deployments.lora_anatomy import (
     adapter_kind,
     detect_format,
 )
-
-LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # as diffusers' lora_base names it
-
-_TRIGGER_METADATA_KEYS = (
-    "trigger_word",
-    "trigger_words",
-    "ss_trigger_words",
-    "modelspec.trigger_phrase",
+from deployments.loras.metadata import (
+    LORA_ADAPTER_METADATA_KEY,
+    TRIGGER_METADATA_KEYS,
+    lora_metadata,
 )
+from deployments.loras.tensors import check_values
 
 
 class LoraFacts(BaseModel):
@@ -50,8 +45,12 @@ class LoraFacts(BaseModel):
     tensor_count: int
 
 
-def inspect_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> LoraFacts:
+def inspect_lora(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], name: str = "adapter"
+) -> LoraFacts:
+    """The file's facts; LoraIncompatible naming the key of a metadata value it cannot use."""
     keys = list(tensors)
+    stated = lora_metadata(metadata, name)
     # A LoRA's rank is its down matrix's first dimension; a LyCORIS module's, its factored
     # part's (LoKr: w2's, else w1's; LoHa: w1_b's).
     ranked = DOWN_SUFFIXES + (".lokr_w2_b", ".hada_w1_b")
@@ -65,8 +64,8 @@ def inspect_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
         for key, tensor in tensors.items()
         if key.endswith(".alpha") and tensor.numel() == 1
     )
-    alpha = alphas.most_common(1)[0][0] if alphas else _metadata_alpha(metadata)
-    family = metadata.get("loraplex.family") or detect_lora_family(keys)
+    alpha = alphas.most_common(1)[0][0] if alphas else stated.alpha
+    family = stated.family or detect_lora_family(keys)
     return LoraFacts(
         format=detect_format(keys, metadata),
         kind=adapter_kind(tensors),
@@ -74,41 +73,9 @@ def inspect_lora(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> 
         rank=ranks.most_common(1)[0][0] if ranks else None,
         alpha=alpha,
         targets=_targets(keys, family),
-        trigger_words=trigger_words(metadata),
+        trigger_words=stated.trigger_words,
         tensor_count=len(keys),
     )
-
-
-def _metadata_alpha(metadata: dict[str, str]) -> float | None:
-    for key in ("ss_network_alpha", "lora_alpha"):
-        try:
-            return float(metadata[key])
-        except (KeyError, ValueError):
-            continue
-    for config in adapter_configs(metadata).values():
-        try:
-            return float(config["lora_alpha"])
-        except (KeyError, TypeError, ValueError):
-            continue
-    return None
-
-
-def adapter_configs(metadata: dict[str, str]) -> dict[str, dict]:
-    """component -> its peft LoraConfig fields, from diffusers' `lora_adapter_metadata` (what
-    `save_lora_weights` writes: `{"transformer.r": 4, "transformer.lora_alpha": 8, ...}`)."""
-    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        flat = json.loads(raw)
-    except json.JSONDecodeError:
-        return {}
-    configs: dict[str, dict] = {}
-    for key, value in flat.items() if isinstance(flat, dict) else ():
-        component, _, field = key.partition(".")
-        if field:
-            configs.setdefault(component, {})[field] = value
-    return configs
 
 
 def apply_metadata_alpha(
@@ -120,8 +87,10 @@ def apply_metadata_alpha(
     tensors it read, which diffusers would load at alpha = rank. Folding alpha / rank (peft's
     scale, `alpha_pattern` / `rank_pattern` and rsLoRA included) into lora_B gives the same
     layers diffusers builds from the file. Files without that metadata are returned as given
-    (kohya-style files carry alpha as `.alpha` tensors, which diffusers applies)."""
-    configs = adapter_configs(metadata)
+    (kohya-style files carry alpha as `.alpha` tensors, which diffusers applies). A rank the
+    metadata states must be the matrix's: peft would build a layer of that rank, and the file's
+    matrix would not fit it."""
+    configs = lora_metadata(metadata, label, keys=(LORA_ADAPTER_METADATA_KEY,)).adapters
     if not configs:
         return tensors
     folded = dict(tensors)
@@ -131,31 +100,21 @@ def apply_metadata_alpha(
         if config is None or not rest.endswith(".lora_B.weight") or tensor.ndim < 2:
             continue
         module = rest.removesuffix(".lora_B.weight")
-        try:
-            alpha = _pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha"))
-            rank = _pattern_value(config.get("rank_pattern"), module, tensor.shape[1])
-            if alpha is None:
-                continue
-            alpha, rank = float(alpha), float(rank)
-        except (TypeError, ValueError, re.error) as e:
+        rank, from_pattern = int(tensor.shape[1]), config.rank_pattern_for(module)
+        stated, field = (from_pattern, "rank_pattern") if from_pattern else (config.r, "r")
+        if stated is not None and stated != rank:
             raise LoraIncompatible(
-                f"Failed to load LoRA: {label}: {LORA_ADAPTER_METADATA_KEY}: unreadable "
-                f"{component}.lora_alpha / rank ({e})"
-            ) from e
-        if rank <= 0:
+                f"Failed to load LoRA: {label}: metadata {LORA_ADAPTER_METADATA_KEY}: "
+                f"{component}.{field} says rank {stated} for {module}, its {key} has rank {rank}"
+            )
+        alpha = config.alpha_for(module)
+        if alpha is None:
             continue
-        scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+        scale = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
         if scale != 1:
             folded[key] = tensor * scale
+            check_values([(key, folded[key])], label)  # a float16 matrix may overflow
     return folded
-
-
-def _pattern_value(patterns, module: str, default):
-    """peft's per-module override: a pattern matches a module name or its dotted suffix."""
-    for pattern, value in (patterns or {}).items():
-        if re.fullmatch(rf"(.*\.)?{pattern}", module):
-            return value
-    return default
 
 
 def _targets(keys: list[str], family: str | None) -> list[str]:
@@ -174,19 +133,7 @@ def _targets(keys: list[str], family: str | None) -> list[str]:
     return sorted(found)
 
 
-def trigger_words(metadata: dict[str, str]) -> list[str]:
-    """Trigger words a file's metadata names (loraplex's own, kohya's `ss_*`, modelspec)."""
-    words: list[str] = []
-    for key in _TRIGGER_METADATA_KEYS:
-        value = metadata.get(key)
-        if not value:
-            continue
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        if isinstance(parsed, str):
-            parsed = re.split(r"\s*,\s*", parsed)
-        if isinstance(parsed, list):
-            words += [str(word).strip() for word in parsed if str(word).strip()]
-    return list(dict.fromkeys(words))
+def trigger_words(metadata: dict[str, str], name: str = "adapter") -> list[str]:
+    """Trigger words a file's metadata names (loraplex's own, kohya's `ss_*`, modelspec);
+    LoraIncompatible naming the key of a value that is not a list of words."""
+    return lora_metadata(metadata, name, keys=TRIGGER_METADATA_KEYS).trigger_words

@@ -23,7 +23,9 @@ from deployments.schemas import LoraRef
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "catalog.json"
-INDEX_FORMAT = 2  # 2: entries carry the adapter `kind`
+# 2: entries carry the adapter `kind`; 3: files with unusable metadata or values carry `error`
+INDEX_FORMAT = 3
+_NO_FACTS = {"format": None, "kind": None, "family": None}  # what a file with `error` lists
 
 
 class Catalog:
@@ -93,11 +95,17 @@ class Catalog:
 
 
 def inspect_file(data: bytes, ref: LoraRef) -> dict:
-    """name, size_bytes, sha256 and the facts of `inspect_lora`; a file that does not parse is
-    listed with `error` and no facts, so a bad file in the root is visible, not hidden."""
+    """name, size_bytes, sha256 and the facts of `inspect_lora`; a file that does not parse, or
+    that a load would refuse for its metadata or values, is listed with `error` and no facts, so
+    a bad file in the root is visible, not hidden."""
     entry = {"name": ref.name, "size_bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     try:
         tensors, metadata = parse_lora_file(data, ref.name)
+        facts = inspect_lora(tensors, metadata, ref.name).model_dump()
     except LoraIncompatible as e:
-        return {**entry, "format": None, "kind": None, "family": None, "error": e.message}
-    return {**entry, **inspect_lora(tensors, metadata).model_dump(), "error": None}
+        return {**entry, **_NO_FACTS, "error": e.message}
+    except Exception as e:  # one file the checks missed must not fail the listing for everyone
+        logger.exception("LoRA %s could not be inspected", ref.name)
+        why = f"Failed to load LoRA: {ref.name}: could not be inspected ({type(e).__name__})"
+        return {**entry, **_NO_FACTS, "error": why}
+    return {**entry, **facts, "error": None}

@@ -19,8 +19,16 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deployments.errors import Conflict, InvalidRequest, LoraNotFound, NotFound, TooLarge
+from deployments.errors import (
+    Conflict,
+    InvalidRequest,
+    LoraIncompatible,
+    LoraNotFound,
+    NotFound,
+    TooLarge,
+)
 from deployments.loras.files import read_header
+from deployments.loras.metadata import metadata_problem
 from deployments.loras.store import LoraStore, check_name
 
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -78,12 +86,25 @@ class UploadStart(BaseModel):
             raise ValueError(f"at most {MAX_METADATA_CHARS} characters as JSON")
         return metadata
 
+    def check_metadata(self) -> None:
+        """InvalidRequest naming the first metadata value loraplex could not use, so a client
+        hears of it before sending any byte; `complete` checks the merged file once more. Not
+        a validator: an upload staged before a check was added must still load, to be
+        completed (and refused) or removed."""
+        problem = metadata_problem(self.file_metadata())
+        if problem:
+            raise InvalidRequest(f"metadata.{problem}")
+
     def file_metadata(self) -> dict[str, str]:
         """The metadata as safetensors stores it: string values only."""
-        return {
-            key: value if isinstance(value, str) else json.dumps(value)
-            for key, value in self.metadata.items()
-        }
+        return _as_text(self.metadata)
+
+
+def _as_text(metadata: dict[str, str | list[str]]) -> dict[str, str]:
+    return {
+        key: value if isinstance(value, str) else json.dumps(value)
+        for key, value in metadata.items()
+    }
 
 
 class UploadState(BaseModel):
@@ -230,7 +251,10 @@ def with_metadata(data: bytes, extra: dict[str, str], name: str) -> bytes:
         return data
     header = read_header(data, name)
     (header_len,) = struct.unpack("<Q", data[:8])
-    header["__metadata__"] = {**(header.get("__metadata__") or {}), **extra}
+    stored = header.get("__metadata__") or {}
+    if not isinstance(stored, dict):  # what safetensors itself refuses to read
+        raise LoraIncompatible(f"Failed to load LoRA: {name}: corrupt safetensors metadata")
+    header["__metadata__"] = {**stored, **extra}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep tensor data 8-byte aligned, as safetensors does
     return struct.pack("<Q", len(encoded)) + encoded + data[8 + header_len :]

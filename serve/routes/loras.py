@@ -17,7 +17,6 @@ from deployments.errors import (
     Conflict,
     InvalidRequest,
     LoraIncompatible,
-    LoraplexError,
     TooLarge,
 )
 from deployments.family import FAMILY_NAMES
@@ -47,6 +46,7 @@ async def list_loras(services: ServicesDep, family: str | None = None) -> dict:
 async def start_upload(request: Request, services: ServicesDep) -> dict:
     """Begin a resumable upload: `{filename, total_size, sha256, metadata}` -> upload_id."""
     start = validated(UploadStart, await read_json(request, services.config.max_body_bytes))
+    start.check_metadata()
     _check_family(start.family, services.config)
     await asyncio.to_thread(_check_free, services, start.filename, start.overwrite, "filename")
     state = await asyncio.to_thread(services.uploads.start, start)
@@ -82,19 +82,17 @@ async def upload_chunk(
 
 @router.post("/loras/uploads/{upload_id}/complete", status_code=201)
 async def complete_upload(upload_id: str, services: ServicesDep) -> dict:
-    """Check size and sha256, validate against the family's model, publish atomically.
-    Any refusal discards the upload: nothing is published."""
+    """Check size and sha256, merge the upload's metadata into the file, validate the file as
+    it will be published, publish atomically. Once the bytes are whole, the upload ends here
+    either way: a refusal publishes nothing and removes what was staged."""
     state, data = await asyncio.to_thread(services.uploads.assemble, upload_id)
     start = state.start
     try:
-        await _validate(services, data, start.filename, start.family)
         data = with_metadata(data, start.file_metadata(), start.filename)
-        entry = await _publish(services, data, start.filename, start.overwrite, "filename")
-    except LoraplexError:
+        await _validate(services, data, start.filename, start.family)
+        return await _publish(services, data, start.filename, start.overwrite, "filename")
+    finally:
         await asyncio.to_thread(services.uploads.remove, upload_id)
-        raise
-    await asyncio.to_thread(services.uploads.remove, upload_id)
-    return entry
 
 
 @router.delete("/loras/uploads/{upload_id}")
@@ -186,11 +184,18 @@ def _check_free(services: Services, name: str, overwrite: bool, field: str) -> N
 async def _validate(services: Services, data: bytes, name: str, family: str | None) -> None:
     """Accept the file only if a served model takes it: the pinned family's, else the
     detected family's, else the first model of any family whose keys it matches."""
-    tensors, metadata = await asyncio.to_thread(parse_lora_file, data, name)
-    detected = inspect_lora(tensors, metadata).family
+    detected = await asyncio.to_thread(_detected_family, data, name)
     await _on_compatible_model(
         services, family or detected, name, lambda handle: handle.check_lora.remote(data, name)
     )
+
+
+def _detected_family(data: bytes, name: str) -> str | None:
+    """The family the file states or its keys show; LoraIncompatible for a file whose
+    metadata or tensors no load could use. Off the event loop: parsing and checking a large
+    file takes a good part of a second, and every other request would wait for it."""
+    tensors, metadata = parse_lora_file(data, name)
+    return inspect_lora(tensors, metadata, name).family
 
 
 async def _on_compatible_model(services: Services, family: str | None, name: str, call):
