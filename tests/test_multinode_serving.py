@@ -210,7 +210,14 @@ def placement_table(cluster: MultiNodeCluster, client) -> list[dict]:
     it), and for model replicas the GPU ids and device the replica itself reports."""
     from ray.util.state import list_actors
 
-    reported = {r["replica_id"]: r for rs in replicas(client).values() for r in rs}
+    # Each replica reports itself to the registry once started, which may be just after the
+    # app is ready: wait until every model's replica is listed.
+    listed = wait_for(
+        lambda: replicas(client),
+        lambda by_model: all(len(by_model.get(name, [])) == 1 for name in MODELS),
+        timeout_s=30,
+    )
+    reported = {r["replica_id"]: r for rs in listed.values() for r in rs}
     rows = []
     for actor in list_actors(
         address=cluster.address, filters=[("state", "=", "ALIVE")], detail=True, limit=1000
