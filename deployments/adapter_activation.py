@@ -232,6 +232,15 @@ class AdapterActivation:
             module.merged_adapters.remove(adapter_name)
         self.fused = []
 
+    def base_values(self) -> dict[int, torch.Tensor]:
+        """id(base weight) -> the tensor holding its base values, for each weight an adapter is
+        fused into now (what `unfuse` puts back), so the health check compares the base model
+        whatever is active (base_guard.py). The first fusion into a weight kept its base."""
+        held = {id(module.get_base_layer().weight): kept for module, kept, _ in self.fused}
+        for layer, kept in reversed(self._lycoris_fused):
+            held[id(layer.weight)] = kept
+        return held
+
     def _scale_blocks(self, adapters: list[ActiveAdapter]) -> None:
         """After each layer got its adapter's strength: strength x block weight in the
         weighted blocks of the denoiser. peft's `set_scale` multiplies in alpha/rank itself."""

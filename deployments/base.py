@@ -34,6 +34,7 @@ from deployments.loras.remote import RemoteLoraCache
 from deployments.loras.root_cache import RootCache
 from deployments.loras.store import LoraStore
 from deployments.media import encode_image, encode_video
+from deployments.replica_health import ReplicaHealth
 from deployments.replica_metrics import ReplicaMetrics, gpu_share, resident_memory_mb
 from deployments.replica_placement import replica_placement
 from deployments.replica_reports import RegistryReports
@@ -64,6 +65,7 @@ class DiffusionDeployment:
         # torch's size for a parallel copy on a CPU replica.
         self._torch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loraplex-torch")
         self.pipe, self.adapters = self._torch.submit(self._load_pipeline).result()
+        self.health = ReplicaHealth(self.adapters, self._torch)
         self.store = LoraStore(lora_root)
         self.root_cache = RootCache(
             self.store, LoraRootCacheConfig.model_validate(lora_root_cache or {})
@@ -333,13 +335,10 @@ class DiffusionDeployment:
             "rss_mb": round(resident_memory_mb(), 1),
         }
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         # Serve calls this every health_check_period_s: it doubles as the registry heartbeat.
         self._reports.report()
-        if self.adapters.broken is not None:
-            # A load changed the base model in a way that could not be undone: Serve replaces
-            # this replica rather than let it serve a model that is not the configured one.
-            raise RuntimeError(f"the pipeline is not the model as loaded: {self.adapters.broken}")
+        await self.health.check()  # the pipeline as loaded, or Serve replaces this replica
 
     def __del__(self):
         executor = getattr(self, "_torch", None)
@@ -364,6 +363,7 @@ class DiffusionDeployment:
     def _render_jobs(self, jobs: list[GenerationJob], active: list[ActiveAdapter], interrupted):
         """One pipeline call for jobs of one batch key: each image from its own job's seed.
         One job is called exactly as before batching existed (one prompt, one generator)."""
+        self.health.before_render()  # never from a model that is not the one loaded
         self.adapters.activate(active)
         generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in jobs]
         if len(jobs) == 1:

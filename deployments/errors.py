@@ -103,3 +103,9 @@ class UnsupportedServeSetting(LoraplexError):
     """Ray Serve runs with a setting loraplex cannot serve under (a replica start-up failure)."""
 
     code = "unsupported_serve_setting"
+
+
+class PipelineBroken(ReplicaUnavailable):
+    """The replica's pipeline is not the model it loaded (a change no load could undo, or one
+    made outside any load): it renders nothing more, and fails Serve's health check so Serve
+    replaces it. A retry reaches a sound replica."""

@@ -9,6 +9,9 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StringConstrain
 
 MAX_LORAS_PER_REQUEST = 4
 MAX_SEED = 2**63 - 1
+# A request's width and height; an edit's output, sized from its input image, too.
+MIN_SIDE_PX = 64
+MAX_SIDE_PX = 2048
 
 _LORA_ID_PATTERN = r"^[A-Za-z0-9_-]{1,128}$"
 _ADAPTER_NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
@@ -127,8 +130,8 @@ class GenerationRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=4000)
     negative_prompt: str = Field(default="", max_length=4000)
-    width: int | None = Field(default=None, ge=64, le=2048, description="Pixels.")
-    height: int | None = Field(default=None, ge=64, le=2048, description="Pixels.")
+    width: int | None = Field(default=None, ge=MIN_SIDE_PX, le=MAX_SIDE_PX, description="Pixels.")
+    height: int | None = Field(default=None, ge=MIN_SIDE_PX, le=MAX_SIDE_PX, description="Pixels.")
     steps: int | None = Field(default=None, ge=1, le=150, description="Denoising steps.")
     cfg: float | None = Field(
         default=None,
@@ -181,7 +184,8 @@ MAX_IMAGE_BASE64_CHARS = 48 * 1024 * 1024
 
 
 class EditRequest(GenerationRequest):
-    """Edit endpoints add the input image; width and height default to the image's size."""
+    """Edit endpoints add the input image; width and height default to the image's size,
+    scaled into MIN_SIDE_PX-MAX_SIDE_PX (deployments/job_sizes.py)."""
 
     image: str = Field(
         min_length=1,

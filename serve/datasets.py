@@ -1,4 +1,5 @@
-"""Training datasets under `dataset_root`: what `PUT /datasets/{name}` stores and `GET` lists.
+"""Training datasets under `dataset_root`: what `PUT /datasets/{name}` stores, `GET` lists and
+`DELETE` removes.
 
 A dataset is a folder of `<stem>.png` + `<stem>.txt` (caption) pairs, the layout the training
 job reads (cluster/train). Every image is decoded before anything is written, and a dataset is
@@ -16,10 +17,10 @@ import re
 import uuid
 
 from fsspec.implementations.local import LocalFileSystem
-from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 
-from deployments.errors import InvalidRequest, NotFound
+from deployments.errors import Conflict, InvalidRequest, NotFound
+from deployments.media import MAX_DATASET_IMAGE_PIXELS, load_image
 from deployments.storage import shared_root
 
 MAX_DATASET_IMAGES = 10_000
@@ -66,18 +67,15 @@ def check_dataset_name(name: str, field: str = "name") -> str:
 
 
 def image_as_png(data: bytes, filename: str, field: str) -> bytes:
-    """The image fully decoded (a truncated file fails here, not in training), as PNG bytes."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if image.format == "PNG":
-                return data
-            out = io.BytesIO()
-            keep = image if image.mode in ("RGB", "RGBA", "L", "LA") else image.convert("RGB")
-            keep.save(out, format="PNG")
-            return out.getvalue()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InvalidRequest(f"{field}: {filename} is not a readable image ({e})") from e
+    """The image fully decoded (a truncated file fails here, not in training) within
+    deployments/media.py's pixel limit (413 over it), as PNG bytes."""
+    with load_image(data, f"{field}: {filename}", MAX_DATASET_IMAGE_PIXELS) as image:
+        if image.format == "PNG":
+            return data
+        out = io.BytesIO()
+        keep = image if image.mode in ("RGB", "RGBA", "L", "LA") else image.convert("RGB")
+        keep.save(out, format="PNG")
+        return out.getvalue()
 
 
 def _stem(filename: str, field: str) -> str:
@@ -169,6 +167,38 @@ class Datasets:
             self.fs.mv(staged, target, recursive=True)
         if self.fs.exists(old):
             self.fs.rm(old, recursive=True)
+
+    def delete(self, name: str) -> dict:
+        """Remove a dataset in one step: moved aside whole, then deleted, so a reader sees all
+        of it or none. NotFound when absent, or when its path leads out of the root through a
+        symlink (never followed); Conflict when it holds other datasets, which deleting it
+        must not take along."""
+        target = posixpath.join(self.root, check_dataset_name(name))
+        if not self._inside_root(target) or not self.fs.isdir(target):
+            raise NotFound(f"dataset not found: {name}")
+        nested = sorted(
+            posixpath.basename(entry["name"].rstrip("/"))
+            for entry in self.fs.ls(target, detail=True)
+            if entry.get("type") == "directory"
+        )
+        if nested:
+            raise Conflict(
+                f"dataset {name} holds other datasets ({', '.join(nested[:5])}); delete those first"
+            )
+        doomed = posixpath.join(self.root, STAGING_FOLDER, f"{uuid.uuid4().hex}.deleted")
+        self.fs.makedirs(posixpath.dirname(doomed), exist_ok=True)
+        if self._is_local:
+            os.replace(target, doomed)
+        else:
+            self.fs.mv(target, doomed, recursive=True)
+        self.fs.rm(doomed, recursive=True)
+        return {"deleted": name}
+
+    def _inside_root(self, path: str) -> bool:
+        if not self._is_local:
+            return True  # object stores have no symlinks
+        root = os.path.realpath(self.root)
+        return os.path.realpath(path).startswith(root + os.sep)
 
     def describe(self, name: str) -> dict:
         """The dataset's images (name, bytes, caption); NotFound when absent."""

@@ -2,23 +2,35 @@
 
 The routes live in serve/routes/, one APIRouter per concern; this module holds the app they are
 included in, API keys and the declared body size (checked before any route runs), and the one
-mapping of typed errors to HTTP statuses. Routes raise the errors where they find them.
+mapping of typed errors to HTTP statuses. Routes raise the errors where they find them; what
+no route expected still answers in the same JSON shape, as a 500 `internal`.
 """
 
+import logging
 import secrets
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import LoraplexError, ReplicaUnavailable, TooLarge, Unauthorized
+from deployments.errors import (
+    InvalidRequest,
+    LoraplexError,
+    ReplicaUnavailable,
+    TooLarge,
+    Unauthorized,
+)
 from serve.config import AppConfig
 from serve.routes import generation, loras, operations, training
 from serve.routes.services import Services, current_services, replica_error
 from serve.serve_settings import check_serve_settings
+from serve.validation import describe_errors
+
+logger = logging.getLogger("ray.serve")
 
 STATUS_BY_CODE = {
     "lora_required": 400,
@@ -77,6 +89,27 @@ async def check_access(request: Request, call_next):
     except LoraplexError as e:
         return _error_response(e)
     return await call_next(request)
+
+
+@app.middleware("http")
+async def internal_errors(request: Request, call_next):
+    """The last resort, outermost: an exception no handler took (a bug, or a library failing
+    in a way no route foresaw) is logged with its traceback and answered as JSON, never as
+    Starlette's plain-text 500. Typed errors and lost replicas never reach here."""
+    try:
+        return await call_next(request)
+    except Exception:
+        logger.exception("%s %s failed unexpectedly", request.method, request.url.path)
+        body = {"error": {"code": "internal", "message": "internal error; see the server log"}}
+        return JSONResponse(body, status_code=500)
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_parameters(request: Request, error: RequestValidationError) -> JSONResponse:
+    """A query or path parameter FastAPI could not convert (`?offset=abc`), in loraplex's error
+    shape rather than FastAPI's `{"detail": [...]}`; the field without its `query.` prefix."""
+    errors = [{**item, "loc": tuple(item["loc"])[1:] or item["loc"]} for item in error.errors()]
+    return _error_response(InvalidRequest(describe_errors(errors)))
 
 
 @app.exception_handler(LoraplexError)

@@ -165,6 +165,21 @@ class TrainingJobs:
             for info in jobs
         ]
 
+    def using_dataset(self, dataset: str) -> list[str]:
+        """The training jobs that have not ended and train on `dataset` (by name under the
+        dataset root), by id: their workers read its images when they start, and again when
+        a run resumes after a worker is lost."""
+        return [
+            info.submission_id
+            for info in self.client.list_jobs()
+            if (info.metadata or {}).get("loraplex.kind") == "train"
+            and info.submission_id
+            and str(info.status) not in TERMINAL_STATES
+            and (job := self._job(info.submission_id)) is not None
+            and job.dataset is not None
+            and str(job.dataset) == dataset
+        ]
+
     def logs(self, job_id: str, lines: int) -> str:
         self._info(job_id)
         text = self.client.get_job_logs(job_id)

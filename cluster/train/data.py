@@ -6,7 +6,6 @@ InvalidRequest naming the field; the workers then read the same files with `load
 from __future__ import annotations
 
 import hashlib
-import io
 import posixpath
 import random
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 
 from cluster.train.config import TrainJob
 from deployments.errors import InvalidRequest
+from deployments.media import MAX_DATASET_IMAGE_PIXELS, load_image
 from deployments.storage import shared_root
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -88,10 +88,11 @@ def read_bytes(source: str) -> bytes:
         return file.read()
 
 
-def open_image(data: bytes) -> Image.Image:
-    image = Image.open(io.BytesIO(data))
-    image.load()
-    return image.convert("RGB")
+def open_image(data: bytes, field: str = "image") -> Image.Image:
+    """RGB pixels, decoded within deployments/media.py's formats and pixel limit (an image by
+    URL is checked nowhere else before this)."""
+    with load_image(data, field, MAX_DATASET_IMAGE_PIXELS) as image:
+        return image.convert("RGB")
 
 
 def check_dataset(job: TrainJob) -> DatasetSummary:
@@ -111,7 +112,7 @@ def check_dataset(job: TrainJob) -> DatasetSummary:
         )
         try:
             data = read_bytes(item.source)
-            image = open_image(data)
+            image = open_image(data, label)
         except (OSError, UnidentifiedImageError, httpx.HTTPError, ValueError) as e:
             raise InvalidRequest(f"{label}: unreadable image ({e})") from e
         digest.update(hashlib.sha256(data).digest())

@@ -27,6 +27,9 @@ from deployments.storage import shared_root
 
 LORA_SUFFIX = ".safetensors"
 MAX_NAME_CHARS = 512
+# A file or folder name's limit on common file systems (NAME_MAX): a longer part is no file
+# here, and asking the file system about it fails with ENAMETOOLONG rather than not found.
+MAX_NAME_PART_BYTES = 255
 STAGING_FOLDER = ".uploads"
 PRIVATE_FOLDER = ".loraplex"  # loraplex's own files in the root (the catalog's index)
 COPY_CHUNK_BYTES = 8 * 1024 * 1024
@@ -49,6 +52,10 @@ def check_name(name: str) -> str:
         raise LoraNotFound(f"LoRA not found: {name} (names may not contain '..' or empty parts)")
     if any(part.startswith(".") for part in parts):
         raise LoraNotFound(f"LoRA not found: {name} (hidden files and folders are not served)")
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_PART_BYTES for part in parts):
+        raise LoraNotFound(
+            f"LoRA not found: {name} (a file or folder name over {MAX_NAME_PART_BYTES} bytes)"
+        )
     if not name.endswith(LORA_SUFFIX):
         raise LoraNotFound(f"LoRA not found: {name} (only {LORA_SUFFIX} files are served)")
     return name

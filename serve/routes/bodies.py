@@ -6,6 +6,7 @@ declares none, so these count as they read.
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from fastapi import Request
@@ -13,6 +14,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from deployments.errors import InvalidRequest, TooLarge
+from serve.json_bounds import check_json_bounds
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -30,13 +32,25 @@ async def read_json(request: Request, max_bytes: int) -> object:
     body = await request.body()
     if len(body) > max_bytes:
         raise TooLarge(f"body: {len(body)} bytes is over the limit of {max_bytes}")
-    return parse_json(body)
+    # Off the event loop: a body of tens of megabytes (an edit image) takes a good part of a
+    # second to check and parse, which every other request would wait for.
+    return await asyncio.to_thread(parse_json, body)
 
 
 def parse_json(body: bytes) -> object:
+    """A UTF-8 JSON body within serve/json_bounds.py's bounds (depth, integer digits, no NaN or
+    lone surrogates), so the parser never meets what it fails on with a RecursionError or a
+    bare ValueError, nor returns what no field can use."""
     try:
-        return json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        # UTF-8 only, as RFC 8259 asks: json.loads would also take UTF-16 and UTF-32 bytes,
+        # whose digits and brackets the byte-level bounds check does not see.
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidRequest(f"body: not UTF-8 ({e})") from e
+    check_json_bounds(body)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
         raise InvalidRequest(f"body: not valid JSON ({e})") from e
 
 

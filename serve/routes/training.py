@@ -8,7 +8,7 @@ import asyncio
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 
-from deployments.errors import InvalidRequest
+from deployments.errors import Conflict, InvalidRequest
 from serve.datasets import MAX_DATASET_IMAGES, DatasetUpload, check_dataset_name
 from serve.routes.bodies import form_parts, parse_json, read_body, read_json
 from serve.routes.services import ServicesDep
@@ -41,6 +41,20 @@ async def put_dataset(name: str, request: Request, services: ServicesDep) -> dic
 async def get_dataset(name: str, services: ServicesDep) -> dict:
     """The dataset's images with their sizes and captions."""
     return await asyncio.to_thread(services.datasets.describe, name)
+
+
+@router.delete("/datasets/{name:path}")
+async def delete_dataset(name: str, services: ServicesDep) -> dict:
+    """Remove a dataset (404 when absent). 409 while a training job that has not ended uses
+    it, or while it holds other datasets (`name/...`)."""
+    check_dataset_name(name)
+    users = await asyncio.to_thread(services.training.using_dataset, name)
+    if users:
+        raise Conflict(
+            f"dataset {name} is used by training job {users[0]}, which has not ended; stop it "
+            f"(DELETE /train/{users[0]}) or wait for it to end"
+        )
+    return await asyncio.to_thread(services.datasets.delete, name)
 
 
 @router.post("/train", status_code=202)
