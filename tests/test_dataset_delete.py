@@ -50,14 +50,19 @@ def test_delete_of_a_dataset_never_made_is_404(service):
 
 @pytest.mark.parametrize("name", [".hidden", "people/.git", "-dash", "x" * 300])
 def test_names_are_checked_as_put_checks_them(service, dataset_root, name):
+    hidden = dataset_root / ".hidden"
     if name == ".hidden":  # a hidden folder that exists is still not a dataset name
-        (dataset_root / ".hidden").mkdir(exist_ok=True)
-    put = service.put(f"/datasets/{name}", json=_dataset(1))
-    message = error_of(service.delete(f"/datasets/{name}"), 422, "invalid_request")
-    assert put.status_code == 422 and message == put.json()["error"]["message"]
-    assert message.startswith("name: ")
-    if name == ".hidden":
-        assert (dataset_root / ".hidden").exists()
+        hidden.mkdir(exist_ok=True)
+    try:
+        put = service.put(f"/datasets/{name}", json=_dataset(1))
+        message = error_of(service.delete(f"/datasets/{name}"), 422, "invalid_request")
+        assert put.status_code == 422 and message == put.json()["error"]["message"]
+        assert message.startswith("name: ")
+        if name == ".hidden":
+            assert hidden.exists()
+    finally:  # the session's dataset root is shared: other modules check it has no .hidden
+        if name == ".hidden":
+            hidden.rmdir()
 
 
 def test_a_symlink_out_of_the_root_is_not_a_dataset(service, dataset_root, tmp_path):
