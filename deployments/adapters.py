@@ -148,7 +148,9 @@ class PipelineAdapters:
         except Exception as e:
             self.delete(adapter_name)
             self._refuse_if_base_changed(label)
-            raise LoraIncompatible(f"Failed to load LoRA: {label}: {_describe(e)}") from e
+            # A converter's bare assert has no message: its type then says what failed.
+            why = str(e) or f"{type(e).__name__} in diffusers' LoRA conversion"
+            raise LoraIncompatible(f"Failed to load LoRA: {label}: {why}") from e
         self._refuse_if_base_changed(label, adapter_name)
         self._layers[adapter_name] = self._find_layers(adapter_name)
         layers = len(self._layers[adapter_name])
@@ -396,8 +398,3 @@ class PipelineAdapters:
                 ):
                     layers[f"{attr}.{name}"] = module
         return layers
-
-
-def _describe(error: Exception) -> str:
-    """The error's message, or its type where it has none (a converter's bare assert)."""
-    return str(error) or f"{type(error).__name__} in diffusers' LoRA conversion"

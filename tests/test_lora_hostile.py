@@ -165,6 +165,17 @@ def test_an_upload_staged_with_bad_metadata_is_refused_at_complete_and_removed(
     assert_unchanged(service, lora_root, name)
 
 
+def refused_both_ways(service, lora_root, name: str, data: bytes, named: str) -> None:
+    """`data` refused naming `named`, by a plain PUT and by a resumable upload, and neither
+    leaves anything behind."""
+    message = error_of(service.put(f"/loras/{name}", content=data), 422, "lora_incompatible")
+    assert named in message, message
+    assert_unchanged(service, lora_root, name)
+    done, _ = resumable(service, name, data)
+    assert named in error_of(done, 422, "lora_incompatible")
+    assert_unchanged(service, lora_root, name)
+
+
 @pytest.mark.parametrize(
     ("metadata", "named"),
     [
@@ -176,13 +187,9 @@ def test_an_upload_staged_with_bad_metadata_is_refused_at_complete_and_removed(
 def test_a_file_whose_own_header_is_bad_is_refused_on_upload(
     service, lora_root, flux_lora, metadata, named
 ):
-    name, data = unique("meta-header"), file_bytes(flux_lora, metadata)
-    message = error_of(service.put(f"/loras/{name}", content=data), 422, "lora_incompatible")
-    assert named in message, message
-    assert_unchanged(service, lora_root, name)
-    done, _ = resumable(service, name, data)
-    assert named in error_of(done, 422, "lora_incompatible")
-    assert_unchanged(service, lora_root, name)
+    refused_both_ways(
+        service, lora_root, unique("meta-header"), file_bytes(flux_lora, metadata), named
+    )
 
 
 def test_a_bad_file_in_the_root_is_listed_with_its_error_and_refused_at_use(
@@ -275,13 +282,7 @@ def bad_tensors(flux_lora) -> dict[str, tuple[dict, str]]:
 @pytest.mark.parametrize("kind", ["int64", "rank 0", "ranks disagree", "nan", "inf"])
 def test_a_file_no_load_can_use_is_refused_on_upload(service, lora_root, flux_lora, kind):
     tensors, named = bad_tensors(flux_lora)[kind]
-    name, data = unique("tensors"), file_bytes(tensors)
-    message = error_of(service.put(f"/loras/{name}", content=data), 422, "lora_incompatible")
-    assert named in message, message
-    assert_unchanged(service, lora_root, name)
-    done, _ = resumable(service, name, data)
-    assert named in error_of(done, 422, "lora_incompatible")
-    assert_unchanged(service, lora_root, name)
+    refused_both_ways(service, lora_root, unique("tensors"), file_bytes(tensors), named)
 
 
 @pytest.mark.parametrize("kind", ["int64", "ranks disagree", "nan"])
