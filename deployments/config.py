@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.family import FAMILY_NAMES, FamilyName
+from deployments.outbound import AddressRules, UrlRules
 from deployments.schemas import DefaultsOverride, GenerationDefaults
 
 
@@ -96,12 +97,15 @@ class ModelConfig(BaseModel):
 
 
 DEFAULT_LORA_CACHE_DIR = "~/.cache/loraplex/loras"
+ADDRESS_FIELDS = set(AddressRules.model_fields)
 
 
-class RemoteLoraConfig(BaseModel):
+class RemoteLoraConfig(AddressRules):
     """LoRAs given by URL (`loras: [{url: ...}]`): off unless enabled, and then only from the
-    allowed schemes and hosts, up to a size and a time limit. Fetched files sit in a node-local
-    disk cache keyed by the URL's sha256, trimmed least-recently-used to a byte budget."""
+    allowed schemes and hosts, and over http(s) only to the allowed ports and to public
+    addresses (AddressRules, deployments/outbound.py), up to a size and a time limit. The same
+    rules hold for training's `image_urls`. Fetched files sit in a node-local disk cache keyed
+    by the URL's sha256, trimmed least-recently-used to a byte budget."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -165,6 +169,15 @@ class RemoteLoraConfig(BaseModel):
         if self.enabled and not self.allowed_hosts:
             raise ValueError("allowed_hosts: required when remote LoRAs are enabled")
         return self
+
+    @property
+    def url_rules(self) -> UrlRules:
+        """What a URL may be under this config, as deployments/outbound.py checks it."""
+        return UrlRules(
+            allowed_hosts=self.allowed_hosts,
+            allowed_schemes=self.allowed_schemes,
+            **self.model_dump(include=ADDRESS_FIELDS),
+        )
 
 
 DEFAULT_ROOT_CACHE_DIR = "~/.cache/loraplex/lora-root"

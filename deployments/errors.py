@@ -61,6 +61,12 @@ class NotFound(LoraplexError):
     code = "not_found"
 
 
+class MethodNotAllowed(LoraplexError):
+    """The path exists, but not for this HTTP method; the message says which it takes."""
+
+    code = "method_not_allowed"
+
+
 class Conflict(LoraplexError):
     """The request does not fit the resource's current state (an upload chunk at the wrong
     offset, a name already taken); the message says what the state is."""
@@ -74,6 +80,13 @@ class TooLarge(LoraplexError):
 
 class Unauthorized(LoraplexError):
     code = "unauthorized"
+
+
+class Forbidden(LoraplexError):
+    """A valid key without the scope a route needs, or a tenant key changing what it may only
+    read (a shared LoRA or dataset); the message names the scope or the field."""
+
+    code = "forbidden"
 
 
 class Overloaded(LoraplexError):

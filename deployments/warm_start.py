@@ -23,7 +23,8 @@ from deployments.schemas import AdapterUse, LoraRef
 
 logger = logging.getLogger("ray.serve")
 
-REGISTRY_TIMEOUT_S = 5.0
+# Long enough for a registry restart (serve/registry.py): the wait is beside serving.
+REGISTRY_TIMEOUT_S = 15.0
 BUDGET_S = 120.0
 
 

@@ -6,13 +6,14 @@ import logging
 
 import ray
 from ray import serve
-from ray.serve.config import RequestRouterConfig
+from ray.serve.config import BackpressureConfig, RequestRouterConfig
 
 from deployments.base import DiffusionDeployment
 from deployments.config import ModelConfig
 from serve.adapter_router import ROUTER_RAY_VERSIONS, AdapterAffinityRouter, router_supported
+from serve.auth import check_keys_at_start
 from serve.config import AppConfig
-from serve.ingress import Ingress
+from serve.ingress import REFUSAL_HEADROOM, RETRY_AFTER_S, Ingress
 from serve.registry import registry_for
 
 
@@ -47,12 +48,29 @@ def model_args(config: AppConfig, model: ModelConfig) -> tuple:
     )
 
 
+# Serve's own 503s (its proxy's, for a full ingress queue) carry Retry-After as loraplex's do.
+RETRY_AFTER = BackpressureConfig(retry_after_s=RETRY_AFTER_S)
+
+
 def build_app(args: dict) -> serve.Application:
-    """One DiffusionDeployment per configured model, named after it, behind one Ingress."""
+    """One DiffusionDeployment per configured model, named after it, behind one Ingress.
+    Queue bounds come from `back_pressure`; the Serve config's `deployments:` section may
+    still set any of them."""
     config = AppConfig.model_validate(args)
+    check_keys_at_start(config)  # here: a refusal fails the deploy with its message
+    limits = config.back_pressure
     deployment = model_deployment()
     handles = {
-        model.name: deployment.options(name=model.name).bind(*model_args(config, model))
+        model.name: deployment.options(
+            name=model.name,
+            max_queued_requests=limits.model_max_queued_requests,
+            backpressure_config=RETRY_AFTER,
+        ).bind(*model_args(config, model))
         for model in config.models
     }
-    return Ingress.bind(config.model_dump(mode="json"), handles)
+    ingress = Ingress.options(
+        max_ongoing_requests=limits.ingress_max_ongoing_requests + REFUSAL_HEADROOM,
+        max_queued_requests=limits.ingress_max_queued_requests,
+        backpressure_config=RETRY_AFTER,
+    )
+    return ingress.bind(config.model_dump(mode="json"), handles)

@@ -11,6 +11,36 @@ import os
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
+from serve.auth import ApiKey, PlainKey
+
+
+class BackPressureConfig(BaseModel):
+    """How much the service takes on before it answers 503 `overloaded` with Retry-After,
+    rather than letting requests wait without bound (docs/api.md, Limits)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ingress_max_ongoing_requests: int = Field(
+        default=256,
+        ge=1,
+        le=10_000,
+        description="Requests each ingress replica works on at once, those waiting in a "
+        "model's queue included; one more is answered 503 at once.",
+    )
+    ingress_max_queued_requests: int = Field(
+        default=512,
+        ge=0,
+        le=10_000,
+        description="Requests Serve's proxy holds for a busy ingress replica (the ingress's "
+        "Serve max_queued_requests); past it the proxy answers 503 itself.",
+    )
+    model_max_queued_requests: int = Field(
+        default=64,
+        ge=0,
+        le=10_000,
+        description="Each model deployment's max_queued_requests (per ingress replica) unless "
+        "the Serve config's deployments: section sets it; past it 503.",
+    )
 
 
 class AppConfig(BaseModel):
@@ -48,14 +78,24 @@ class AppConfig(BaseModel):
         "available_node_types declare them): a training job that no node of the cluster holds "
         "but one of these would is accepted and waits for it, instead of a 422.",
     )
-    api_keys: list[str] = Field(
+    api_keys: list[PlainKey | ApiKey] = Field(
         default_factory=list,
         max_length=1024,
         description="When set, every route but /healthz and /docs needs `Authorization: Bearer "
-        "<key>` or `X-API-Key: <key>`.",
+        "<key>` or `X-API-Key: <key>`. A plain string has every scope and no tenant; "
+        "`{key or key_env, scopes, tenant}` limits a key (docs/api.md, API keys).",
+    )
+    allow_anonymous: bool = Field(
+        default=False,
+        description="Serve without api_keys although Serve's http_options.host is not a "
+        "loopback address (0.0.0.0); without it such an app refuses to start.",
     )
     max_body_bytes: int = Field(
         default=32 * 1024 * 1024, ge=1024, le=1024**3, description="Largest request body."
+    )
+    back_pressure: BackPressureConfig = Field(
+        default_factory=BackPressureConfig,
+        description="Queue bounds: a full service answers 503 overloaded with Retry-After.",
     )
     max_lora_bytes: int = Field(
         default=2 * 1024**3,

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from deployments.errors import Conflict, InvalidRequest, NotFound
 from deployments.media import MAX_DATASET_IMAGE_PIXELS, load_image
 from deployments.storage import shared_root
+from serve import tenants
 
 MAX_DATASET_IMAGES = 10_000
 MAX_NAME_CHARS = 256
@@ -86,7 +87,8 @@ def _stem(filename: str, field: str) -> str:
 
 
 class Datasets:
-    """Datasets under one fsspec root: `<name>/<stem>.png` + `<stem>.txt` pairs."""
+    """Datasets under one fsspec root: `<name>/<stem>.png` + `<stem>.txt` pairs. A tenant
+    key's names are its own (`tenants/<tenant>/<name>`) or, to read, shared ones."""
 
     def __init__(self, root: str):
         self.fs, root_path = shared_root(root)
@@ -141,9 +143,18 @@ class Datasets:
             pairs[stem] = (image_as_png(data, filename, field), caption)
         return pairs
 
-    def write(self, name: str, pairs: dict[str, tuple[bytes, str]]) -> dict:
-        """Write the dataset in one step: staged whole, then moved over any old one."""
-        target = posixpath.join(self.root, check_dataset_name(name))
+    def write(
+        self, name: str, pairs: dict[str, tuple[bytes, str]], tenant: str | None = None
+    ) -> dict:
+        """Write the dataset in one step: staged whole, then moved over any old one. Conflict
+        when the old one holds other datasets, which replacing it must not take along."""
+        stored = tenants.owned(tenant, check_dataset_name(name))
+        target = posixpath.join(self.root, stored)
+        if not self._inside_root(target):
+            raise InvalidRequest(f"name: {name} leads out of the dataset root")
+        self._check_no_nested(
+            target, f"name: dataset {name}", "delete those or choose another name"
+        )
         staged = posixpath.join(self.root, STAGING_FOLDER, uuid.uuid4().hex)
         self.fs.makedirs(staged, exist_ok=True)
         try:
@@ -154,7 +165,7 @@ class Datasets:
         finally:
             if self.fs.exists(staged):
                 self.fs.rm(staged, recursive=True)
-        return self.describe(name)
+        return self.describe(name, tenant)
 
     def _replace(self, staged: str, target: str) -> None:
         self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
@@ -168,23 +179,40 @@ class Datasets:
         if self.fs.exists(old):
             self.fs.rm(old, recursive=True)
 
-    def delete(self, name: str) -> dict:
-        """Remove a dataset in one step: moved aside whole, then deleted, so a reader sees all
-        of it or none. NotFound when absent, or when its path leads out of the root through a
-        symlink (never followed); Conflict when it holds other datasets, which deleting it
-        must not take along."""
-        target = posixpath.join(self.root, check_dataset_name(name))
-        if not self._inside_root(target) or not self.fs.isdir(target):
+    def owned(self, name: str, tenant: str | None) -> str:
+        """The stored name of a dataset the key may delete: its own. Forbidden for a shared one
+        a tenant key sees, NotFound when there is none."""
+        check_dataset_name(name)
+        if tenant is None:
+            return name
+        for stored in tenants.readable(tenant, name):  # its own, then the shared one
+            if self._exists(stored):
+                if stored == name:
+                    raise tenants.read_only(name)
+                return stored
+        raise NotFound(f"dataset not found: {name}")
+
+    def locate(self, name: str, tenant: str | None) -> str:
+        """The stored name of the dataset `name` means for a key: its own, else the shared one;
+        NotFound when neither exists."""
+        for stored in tenants.readable(tenant, check_dataset_name(name)):
+            if self._exists(stored):
+                return stored
+        raise NotFound(f"dataset not found: {name}")
+
+    def _exists(self, stored: str) -> bool:
+        target = posixpath.join(self.root, stored)
+        return self._inside_root(target) and self.fs.isdir(target)
+
+    def delete(self, stored: str, name: str) -> dict:
+        """Remove the dataset stored as `stored` (`name` as the key sees it) in one step: moved
+        aside whole, then deleted, so a reader sees all of it or none. NotFound when absent, or
+        when its path leads out of the root through a symlink (never followed); Conflict when
+        it holds other datasets, which deleting it must not take along."""
+        target = posixpath.join(self.root, stored)
+        if not self._exists(stored):
             raise NotFound(f"dataset not found: {name}")
-        nested = sorted(
-            posixpath.basename(entry["name"].rstrip("/"))
-            for entry in self.fs.ls(target, detail=True)
-            if entry.get("type") == "directory"
-        )
-        if nested:
-            raise Conflict(
-                f"dataset {name} holds other datasets ({', '.join(nested[:5])}); delete those first"
-            )
+        self._check_no_nested(target, f"dataset {name}", "delete those first")
         doomed = posixpath.join(self.root, STAGING_FOLDER, f"{uuid.uuid4().hex}.deleted")
         self.fs.makedirs(posixpath.dirname(doomed), exist_ok=True)
         if self._is_local:
@@ -194,26 +222,47 @@ class Datasets:
         self.fs.rm(doomed, recursive=True)
         return {"deleted": name}
 
+    def _check_no_nested(self, target: str, what: str, remedy: str) -> None:
+        """Conflict when the folder at `target` holds other datasets (folders), which replacing
+        or deleting it must not take along."""
+        try:
+            listing = self.fs.ls(target, detail=True)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        nested = sorted(
+            posixpath.basename(entry["name"].rstrip("/"))
+            for entry in listing
+            if entry.get("type") == "directory"
+        )
+        if nested:
+            raise Conflict(f"{what} holds other datasets ({', '.join(nested[:5])}); {remedy}")
+
     def _inside_root(self, path: str) -> bool:
         if not self._is_local:
             return True  # object stores have no symlinks
         root = os.path.realpath(self.root)
         return os.path.realpath(path).startswith(root + os.sep)
 
-    def describe(self, name: str) -> dict:
-        """The dataset's images (name, bytes, caption); NotFound when absent."""
-        folder = posixpath.join(self.root, check_dataset_name(name))
+    def describe(self, name: str, tenant: str | None = None) -> dict:
+        """The dataset's images (name, bytes, caption); NotFound when absent. Neither the
+        folder nor a file in it is read through a symlink leading out of the root."""
+        folder = posixpath.join(self.root, self.locate(name, tenant))
         try:
             listing = self.fs.ls(folder, detail=True)
         except FileNotFoundError as e:
             raise NotFound(f"dataset not found: {name}") from e
-        sizes = {posixpath.basename(i["name"]): int(i.get("size") or 0) for i in listing}
+        sizes = {
+            posixpath.basename(i["name"]): int(i.get("size") or 0)
+            for i in listing
+            if i.get("type") == "file" and self._inside_root(i["name"])
+        }
         images = []
         for filename in sorted(sizes):
             if filename.endswith(IMAGE_SUFFIX):
-                caption_file = posixpath.join(folder, filename[: -len(IMAGE_SUFFIX)] + ".txt")
+                caption_name = filename[: -len(IMAGE_SUFFIX)] + CAPTION_SUFFIX
+                caption_file = posixpath.join(folder, caption_name)
                 caption = ""
-                if self.fs.exists(caption_file):
+                if caption_name in sizes:
                     caption = self.fs.cat_file(caption_file).decode("utf-8", "replace")
                 images.append(
                     {"filename": filename, "size_bytes": sizes[filename], "caption": caption}

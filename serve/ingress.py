@@ -1,32 +1,36 @@
 """The HTTP face: FastAPI under `@serve.ingress`, and what every route shares.
 
 The routes live in serve/routes/, one APIRouter per concern; this module holds the app they are
-included in, API keys and the declared body size (checked before any route runs), and the one
-mapping of typed errors to HTTP statuses. Routes raise the errors where they find them; what
-no route expected still answers in the same JSON shape, as a 500 `internal`.
+included in, admission (at most back_pressure.ingress_max_ongoing_requests at once), API keys
+and the declared body size (checked before any route runs), and the one mapping of typed
+errors to HTTP statuses. Routes raise the errors where they find them; Starlette's own 404s
+and 405s and what no route expected answer in the same JSON shape. The API description
+(serve/openapi.py) declares each route's body and errors.
 """
 
 import logging
-import secrets
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
-from ray.exceptions import RayActorError
-from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException
 
 from deployments.errors import (
     InvalidRequest,
     LoraplexError,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
     ReplicaUnavailable,
     TooLarge,
-    Unauthorized,
 )
+from serve.auth import principal_of
 from serve.config import AppConfig
+from serve.openapi import describe_api, error_responses
 from serve.routes import generation, loras, operations, training
-from serve.routes.services import Services, current_services, replica_error
+from serve.routes.services import REPLICA_LOST, Services, current_services, replica_error
 from serve.serve_settings import check_serve_settings
 from serve.validation import describe_errors
 
@@ -35,8 +39,10 @@ logger = logging.getLogger("ray.serve")
 STATUS_BY_CODE = {
     "lora_required": 400,
     "unauthorized": 401,
+    "forbidden": 403,
     "lora_not_found": 404,
     "not_found": 404,
+    "method_not_allowed": 405,
     "conflict": 409,
     "too_large": 413,
     "lora_incompatible": 422,
@@ -48,11 +54,6 @@ STATUS_BY_CODE = {
 }
 PUBLIC_PATHS = ("/healthz", "/docs", "/openapi.json")
 RETRY_AFTER_S = 1
-# What a handle call raises when its replica is gone: the replica's node died (ActorDiedError)
-# or cannot be reached (ActorUnavailableError), both RayActorError, or Serve has no replica to
-# give. Serve retries a request the replica had not yet accepted; one it had accepted fails with
-# these. A retry waits in the handle's queue until Serve has started a replacement.
-REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 app = FastAPI(
     title="loraplex",
@@ -60,10 +61,22 @@ app = FastAPI(
     version="0.1.0",
 )
 # In this order: a router's fixed paths before another's catch-all (`/{endpoint}` last).
-app.include_router(operations.router)
-app.include_router(loras.router)
-app.include_router(training.router)
-app.include_router(generation.router)
+# Each declares the error statuses its routes can answer, with loraplex's error body.
+app.include_router(operations.router, responses=error_responses())
+app.include_router(loras.router, responses=error_responses(409))
+app.include_router(training.router, responses=error_responses(409))
+app.include_router(generation.router, responses=error_responses(400, 502))
+
+
+def openapi_description() -> dict:
+    return describe_api(app)
+
+
+app.openapi = openapi_description
+# Requests one ingress replica works on (see `admit`); Serve hands it REFUSAL_HEADROOM more,
+# which it refuses at once: cheap, as a refusal reads no body.
+_in_flight = 0
+REFUSAL_HEADROOM = 1024
 
 
 def _error_response(error: LoraplexError) -> JSONResponse:
@@ -81,14 +94,37 @@ async def check_access(request: Request, call_next):
     X-Request-Id on every response, honouring one the client sent.)"""
     config = (await current_services()).config
     try:
-        if config.api_keys and request.url.path not in PUBLIC_PATHS:
-            _check_api_key(request, config.api_keys)
+        if request.url.path not in PUBLIC_PATHS:
+            # The routes' scope dependencies (serve/auth.py) read it.
+            request.state.principal = principal_of(request, config)
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > config.max_body_bytes:
             raise TooLarge(f"body: {declared} bytes is over the limit of {config.max_body_bytes}")
     except LoraplexError as e:
         return _error_response(e)
     return await call_next(request)
+
+
+@app.middleware("http")
+async def admit(request: Request, call_next):
+    """At most `back_pressure.ingress_max_ongoing_requests` at once; one more is answered 503
+    `overloaded` at once. Serve's max_ongoing_requests for the ingress is REFUSAL_HEADROOM
+    above it (serve/app.py), so a burst is refused here, in loraplex's error shape, and
+    waits in Serve's proxy only while refusals cannot keep up."""
+    global _in_flight
+    if request.url.path == "/healthz":  # liveness, whatever the load
+        return await call_next(request)
+    limit = (await current_services()).config.back_pressure.ingress_max_ongoing_requests
+    if _in_flight >= limit:
+        where = f"{request.method} {request.url.path}"
+        return _error_response(
+            Overloaded(f"{where}: the ingress is at capacity ({limit} requests); retry shortly")
+        )
+    _in_flight += 1
+    try:
+        return await call_next(request)
+    finally:
+        _in_flight -= 1
 
 
 @app.middleware("http")
@@ -112,6 +148,24 @@ async def invalid_parameters(request: Request, error: RequestValidationError) ->
     return _error_response(InvalidRequest(describe_errors(errors)))
 
 
+@app.exception_handler(HTTPException)
+async def http_error(request: Request, error: HTTPException) -> JSONResponse:
+    """Starlette's own refusals in loraplex's error shape rather than FastAPI's `{"detail":
+    ...}`: no route for the path (404), or the path's routes take other methods (405)."""
+    where = f"{request.method} {request.url.path}"
+    headers = dict(error.headers or {})
+    if error.status_code == 404:
+        return _error_response(NotFound(f"{where}: no such route"))
+    if error.status_code == 405:
+        allowed = headers.get("Allow") or headers.get("allow") or "?"
+        response = _error_response(MethodNotAllowed(f"{where}: not allowed; use {allowed}"))
+        response.headers.update(headers)
+        return response
+    code = "invalid_request" if error.status_code < 500 else "internal"
+    body = {"error": {"code": code, "message": f"{where}: {error.detail}"}}
+    return JSONResponse(body, status_code=error.status_code, headers=headers)
+
+
 @app.exception_handler(LoraplexError)
 async def loraplex_error(request: Request, error: LoraplexError) -> JSONResponse:
     cause = replica_error(error)
@@ -132,14 +186,7 @@ for _lost in REPLICA_LOST:
     app.add_exception_handler(_lost, replica_lost)
 
 
-def _check_api_key(request: Request, api_keys: list[str]) -> None:
-    auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
-    if not given or not any(secrets.compare_digest(given, key) for key in api_keys):
-        raise Unauthorized("a valid API key is required (Authorization: Bearer <key>)")
-
-
-@serve.deployment(max_ongoing_requests=64)
+@serve.deployment  # queue bounds: serve/app.py, from the config
 @serve.ingress(app)
 class Ingress:
     def __init__(self, config: dict, handles: dict[str, DeploymentHandle]):

@@ -29,6 +29,7 @@ from deployments.schemas import (
 )
 from serve.config import AppConfig
 from serve.prompt_tags import LoraTag, extract_lora_tags, prompt_with_triggers
+from serve.tenants import resolve_lora
 from serve.validation import validated
 
 MAX_SEED_DRAWN = 2**32  # random seeds stay small enough to type back in
@@ -41,9 +42,11 @@ def resolve_job(
     lora_required: bool,
     store: LoraStore,
     config: AppConfig,
+    tenant: str | None = None,
 ) -> GenerationJob:
-    """The job for `body` sent to `model`'s endpoint (`lora_required` for its `-lora` form).
-    Refusals are typed errors naming the field: InvalidRequest, LoraRequired, LoraNotFound."""
+    """The job for `body` sent to `model`'s endpoint (`lora_required` for its `-lora` form),
+    LoRA names as `tenant`'s key sees them (serve/tenants.py). Refusals are typed errors
+    naming the field: InvalidRequest, LoraRequired, LoraNotFound."""
     family = get_family(model.family)
     request = validated(family.request_model, body)
     prompt, tags = extract_lora_tags(request.prompt)
@@ -55,7 +58,7 @@ def resolve_job(
             f"loras: {len(stack)} listed and {len(tags)} <lora:...> tags in the prompt; "
             f"at most {MAX_LORAS_PER_REQUEST} in all"
         )
-    adapters, refs = _adapters_for(family, stack, tags, store, config)
+    adapters, refs = _adapters_for(family, stack, tags, store, config, tenant)
     # Request-level first (it speaks for the whole stack), then each adapter's own.
     triggers = _trigger_words(request.trigger_word, refs, store)
     for spec, ref in zip(stack, refs, strict=False):
@@ -88,6 +91,7 @@ def _adapters_for(
     tags: list[LoraTag],
     store: LoraStore,
     config: AppConfig,
+    tenant: str | None,
 ) -> tuple[list[AdapterUse], list[LoraRef]]:
     """The stack's adapters, then the prompt tags', resolved in the store, in order."""
     adapters, refs = [], []
@@ -97,7 +101,7 @@ def _adapters_for(
             source = check_url(spec.url, config.remote_loras, f"loras.{index}.url")
             ref, url = source.ref, source.url
         else:
-            ref = store.resolve(spec.file_name, config.lora_resolve_cache_s)
+            ref = resolve_lora(store, tenant, spec.file_name, config.lora_resolve_cache_s)
         if ref in refs:
             raise InvalidRequest(f"loras: {ref.name} is listed twice")
         if spec.block_weights:
@@ -115,7 +119,7 @@ def _adapters_for(
         )
         refs.append(ref)
     for tag in tags:
-        ref = _resolve_tag(tag, store, config.lora_resolve_cache_s)
+        ref = _resolve_tag(tag, store, tenant, config.lora_resolve_cache_s)
         if ref in refs:
             raise InvalidRequest(f"prompt: {tag.text}: {ref.name} is already in loras")
         adapters.append(
@@ -129,11 +133,11 @@ def _adapters_for(
     return adapters, refs
 
 
-def _resolve_tag(tag: LoraTag, store: LoraStore, max_age_s: float) -> LoraRef:
+def _resolve_tag(tag: LoraTag, store: LoraStore, tenant: str | None, max_age_s: float) -> LoraRef:
     """The first file a prompt tag may mean (NAME.safetensors, then the character LoRA)."""
     for name in tag.file_names():
         try:
-            return store.resolve(name, max_age_s)
+            return resolve_lora(store, tenant, name, max_age_s)
         except LoraNotFound:
             continue
     raise LoraNotFound(f"LoRA not found: {tag.name}")

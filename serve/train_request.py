@@ -1,8 +1,9 @@
 """A `POST /train` body -> the TrainJob to submit, checked before it becomes a Ray job.
 
-The server fills in the paths the job reads and writes (never a client's to choose) and pins the
-base model to the served one; the job's own checks (cluster/train/checks.py) then run here, so a
-job that would fail once its workers start is refused with 422 naming the field instead.
+The server fills in the paths the job reads and writes, and the rules its image URLs obey (those
+of `remote_loras`): never a client's to choose. It pins the base model to the served one; the
+job's own checks (cluster/train/checks.py) then run here, so a job that would fail once its
+workers start is refused with 422 naming the field instead (409 when its output name is taken).
 """
 
 from __future__ import annotations
@@ -10,14 +11,15 @@ from __future__ import annotations
 from cluster.train.capacity import infeasible_reason
 from cluster.train.checks import check_job
 from cluster.train.config import TrainJob
-from deployments.errors import InvalidRequest, LoraplexError
+from deployments.errors import Conflict, InvalidRequest, LoraplexError
 from deployments.loras.remote import check_url
 from serve.config import AppConfig
 from serve.datasets import check_dataset_name
 from serve.validation import validated
 
-# The run folder and paths the job reads are the server's to choose, never a client's.
-SERVER_FIELDS = ("lora_root", "dataset_root", "storage_path", "run_name")
+# The run folder, the paths the job reads and where its image URLs may point are the server's
+# to choose, never a client's.
+SERVER_FIELDS = ("lora_root", "dataset_root", "storage_path", "run_name", "url_rules")
 
 
 def train_job(body: object, job_id: str, config: AppConfig) -> TrainJob:
@@ -70,6 +72,7 @@ def job_fields(body: object, job_id: str, config: AppConfig) -> dict:
         "lora_root": config.lora_root,
         "dataset_root": config.dataset_root,
         "storage_path": config.train_storage_path,
+        "url_rules": config.remote_loras.url_rules.model_dump(mode="json"),
     }
 
 
@@ -81,6 +84,8 @@ def check_servable(job: TrainJob, config: AppConfig) -> None:
         raise InvalidRequest(f"base_model: no {job.base_model} model is served here")
     try:
         check_job(job)
+    except Conflict:
+        raise  # the output's name is taken: 409, not a bad field
     except LoraplexError as e:
         raise InvalidRequest(_with_field(e.message)) from e
     except (ValueError, OSError) as e:

@@ -70,8 +70,15 @@ class TrainingJobs:
 
                 # The GCS knows where this cluster's dashboard (the job server) listens.
                 address = self._gcs_address = ray.get_runtime_context().gcs_address
+            from ray.exceptions import AuthenticationError
+
             try:
                 self._client = JobSubmissionClient(address)
+            except AuthenticationError as e:
+                raise JobServerUnavailable(
+                    f"the Ray job server at {address} refused this node's Ray token; under "
+                    "RAY_AUTH_MODE=token every node needs the cluster's token (docs/cluster.md)"
+                ) from e
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise JobServerUnavailable(
                     f"the Ray job server at {address} is not reachable ({e}); training needs "
@@ -81,8 +88,9 @@ class TrainingJobs:
 
     # Submission
 
-    def submit(self, job_id: str, job: TrainJob) -> dict:
-        """Write the job file into the run folder and submit the run as a Ray job."""
+    def submit(self, job_id: str, job: TrainJob, tenant: str | None = None) -> dict:
+        """Write the job file into the run folder and submit the run as a Ray job, owned by
+        `tenant` (None: by no tenant, which only keys without a tenant see)."""
         run = self._run_path(job_id)
         self.fs.makedirs(run, exist_ok=True)
         job_json = job.model_dump_json(indent=2)
@@ -103,7 +111,7 @@ class TrainingJobs:
                     entrypoint=f"{python} -m cluster.train --config {shlex.quote(config_arg)}",
                     submission_id=job_id,
                     runtime_env=runtime_env,
-                    metadata=job_metadata(job),
+                    metadata=job_metadata(job, tenant),
                 )
             except RuntimeError as e:
                 # The SDK's HTTP failures, such as "No available agent to submit job" while
@@ -116,9 +124,9 @@ class TrainingJobs:
 
     # Reading
 
-    def status(self, job_id: str) -> dict:
+    def status(self, job_id: str, tenant: str | None = None) -> dict:
         """Ray's state merged with the run's status.json, with URLs for its files."""
-        info = self._info(job_id)
+        info = self._info(job_id, tenant)
         progress = self._run_status(job_id)
         job = self._job(job_id)
         body = progress.model_dump()
@@ -130,6 +138,7 @@ class TrainingJobs:
             end_time_ms=info.end_time,
             base_model=job.base_model if job else info.metadata.get("loraplex.base_model"),
             lora_name=job.output_file if job else info.metadata.get("loraplex.lora_name"),
+            tenant=info.metadata.get("loraplex.tenant"),
             samples=[f"/train/{job_id}/samples/{name}" for name in progress.samples],
             loss_url=f"/train/{job_id}/{LOSS_CURVE_FILE}",
             logs_url=f"/train/{job_id}/logs",
@@ -146,12 +155,15 @@ class TrainingJobs:
             body["error"] = body["error"] or info.message
         return body
 
-    def list(self) -> list[dict]:
-        """Every training job Ray knows, newest first (state and names only)."""
+    def list(self, tenant: str | None = None) -> list[dict]:
+        """Every training job Ray knows, newest first (state and names only); `tenant`'s
+        only, unless None."""
         jobs = [
             info
             for info in self.client.list_jobs()
-            if (info.metadata or {}).get("loraplex.kind") == "train" and info.submission_id
+            if (info.metadata or {}).get("loraplex.kind") == "train"
+            and info.submission_id
+            and _visible(info, tenant)
         ]
         jobs.sort(key=lambda info: info.start_time or 0, reverse=True)
         return [
@@ -160,6 +172,7 @@ class TrainingJobs:
                 "state": "PENDING" if self._waiting(info) else str(info.status),
                 "base_model": info.metadata.get("loraplex.base_model"),
                 "lora_name": info.metadata.get("loraplex.lora_name"),
+                "tenant": info.metadata.get("loraplex.tenant"),
                 "start_time_ms": info.start_time,
             }
             for info in jobs
@@ -180,31 +193,31 @@ class TrainingJobs:
             and str(job.dataset) == dataset
         ]
 
-    def logs(self, job_id: str, lines: int) -> str:
-        self._info(job_id)
+    def logs(self, job_id: str, lines: int, tenant: str | None = None) -> str:
+        self._info(job_id, tenant)
         text = self.client.get_job_logs(job_id)
         return "".join(text.splitlines(keepends=True)[-lines:])
 
-    def run_file(self, job_id: str, *parts: str) -> bytes:
+    def run_file(self, job_id: str, *parts: str, tenant: str | None = None) -> bytes:
         """A file of the run folder (loss.png, samples/<file>); NotFound until written."""
-        self._info(job_id)
+        self._info(job_id, tenant)
         path = posixpath.join(self._run_path(job_id), *parts)
         try:
             return self.fs.cat_file(path)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
             raise NotFound(f"{'/'.join(parts)}: not written yet for {job_id}") from e
 
-    def sample(self, job_id: str, filename: str) -> bytes:
+    def sample(self, job_id: str, filename: str, tenant: str | None = None) -> bytes:
         if not SAMPLE_FILE.match(filename):
             raise NotFound(f"samples/{filename}: no such sample")
-        return self.run_file(job_id, SAMPLES_FOLDER, filename)
+        return self.run_file(job_id, SAMPLES_FOLDER, filename, tenant=tenant)
 
     # Stopping
 
-    def stop(self, job_id: str) -> dict:
+    def stop(self, job_id: str, tenant: str | None = None) -> dict:
         """Stop a pending or running job and wait until Ray says it ended; a job that has
         already ended has its record and run folder removed (never its published LoRA)."""
-        info = self._info(job_id)
+        info = self._info(job_id, tenant)
         if str(info.status) in TERMINAL_STATES:
             self.client.delete_job(job_id)
             run = self._run_path(job_id)
@@ -228,8 +241,9 @@ class TrainingJobs:
     def _run_path(self, job_id: str) -> str:
         return posixpath.join(self.storage_root, job_id)
 
-    def _info(self, job_id: str):
-        """Ray's record of a training job; NotFound for ids that are not ours or unknown."""
+    def _info(self, job_id: str, tenant: str | None = None):
+        """Ray's record of a training job; NotFound for ids that are not ours or unknown, and
+        for another tenant's job (`tenant` None: any job)."""
         if not JOB_ID.match(job_id):
             raise NotFound(f"training job not found: {job_id}")
         try:
@@ -239,7 +253,7 @@ class TrainingJobs:
             if "status code 404" in str(e):
                 raise NotFound(f"training job not found: {job_id}") from e
             raise
-        if (info.metadata or {}).get("loraplex.kind") != "train":
+        if (info.metadata or {}).get("loraplex.kind") != "train" or not _visible(info, tenant):
             raise NotFound(f"training job not found: {job_id}")
         return info
 
@@ -296,13 +310,21 @@ def job_runtime_env(gcs_address: str | None) -> dict:
     return {"env_vars": env_vars}
 
 
-def job_metadata(job: TrainJob) -> dict[str, str]:
-    """What `ray job list` shows, and how the API knows its own jobs."""
-    return {
+def job_metadata(job: TrainJob, tenant: str | None = None) -> dict[str, str]:
+    """What `ray job list` shows, and how the API knows its own jobs and their tenant."""
+    metadata = {
         "loraplex.kind": "train",
         "loraplex.base_model": job.base_model,
         "loraplex.lora_name": job.output_file,
     }
+    if tenant is not None:
+        metadata["loraplex.tenant"] = tenant
+    return metadata
+
+
+def _visible(info, tenant: str | None) -> bool:
+    """Whether a key of `tenant` sees a job: its own tenant's only; a key without one, all."""
+    return tenant is None or (info.metadata or {}).get("loraplex.tenant") == tenant
 
 
 def read_job_file(path: str) -> dict:

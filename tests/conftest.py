@@ -194,6 +194,9 @@ def service(ray_cluster, lora_root, dataset_root, train_storage, tmp_path_factor
         "enabled": True,
         "allowed_hosts": ["127.0.0.1"],
         "allowed_schemes": ["http"],
+        # The file server is on loopback at a port of its own: allowed explicitly.
+        "allowed_networks": ["127.0.0.1/32"],
+        "allowed_ports": "any",
         "cache_dir": str(tmp_path_factory.mktemp("lora-cache")),
     }
     # The test root is a local folder, which `auto` reads directly; `always` puts every

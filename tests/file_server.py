@@ -1,13 +1,15 @@
 """A small HTTP file server on 127.0.0.1 for tests of LoRAs by URL.
 
-Serves the files of one folder, counts GETs per path, can answer slowly (so concurrent requests
-really overlap), redirects `/redirect?to=<url>` to any URL, and serves `/nolength/<file>`
-without a Content-Length (the body ends when the connection closes).
+Serves the files of one folder (over TLS when given a server context), counts GETs per path,
+can answer slowly (so concurrent requests really overlap), redirects `/redirect?to=<url>` to any
+URL, and serves `/nolength/<file>` without a Content-Length (the body ends when the connection
+closes).
 """
 
 from __future__ import annotations
 
 import collections
+import ssl
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -16,19 +18,22 @@ from urllib.parse import parse_qs, urlsplit
 
 
 class FileServer:
-    def __init__(self, folder: Path, delay_s: float = 0.0):
+    def __init__(self, folder: Path, delay_s: float = 0.0, tls: ssl.SSLContext | None = None):
         self.folder = Path(folder)
         self.delay_s = delay_s
         self.gets: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self.scheme = "http" if tls is None else "https"
+        if tls is not None:
+            self._server.socket = tls.wrap_socket(self._server.socket, server_side=True)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
     def base_url(self) -> str:
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import struct
+import time
 import zlib
 from types import SimpleNamespace
 
@@ -28,8 +29,9 @@ from deployments.media import (
     decode_input_image,
     load_image,
 )
+from serve.config import AppConfig
 from serve.datasets import image_as_png
-from serve.json_bounds import MAX_JSON_DEPTH, check_json_bounds
+from serve.json_bounds import MAX_JSON_DEPTH, MAX_JSON_ITEMS, check_json_bounds
 from serve.routes.bodies import parse_json
 
 DEEP = 100_000
@@ -109,6 +111,21 @@ def test_deep_nesting_is_refused_without_a_recursion_error():
 def test_what_python_parses_but_no_field_can_use_is_refused(body, message):
     with pytest.raises(InvalidRequest, match=message):
         parse_json(body)
+
+
+def test_a_body_of_very_many_tiny_items_is_refused_fast():
+    """4 MB of `[],` took seconds to check and parse; refused at the first item past the
+    bound, naming the top-level field it is in."""
+    many = b"[" + b"[]," * 1_300_000 + b"[]]"
+    started = time.monotonic()
+    with pytest.raises(TooLarge, match=rf"^body: more than {MAX_JSON_ITEMS} JSON items"):
+        parse_json(many)
+    assert time.monotonic() - started < 1.0
+    with pytest.raises(TooLarge, match=r"^images: more than 50000 JSON items"):
+        check_json_bounds(b'{"images": [' + b"{}," * 60_000 + b"{}]}")
+    # The largest valid body, a JSON dataset of 10,000 images (40,000 items), passes.
+    image = {"filename": "a.png", "content": "AAAA", "caption": "a fox"}
+    check_json_bounds(json.dumps({"images": [image] * 10_000}).encode())
 
 
 def test_escaped_quotes_and_surrogate_pairs_are_read_as_json_does():
@@ -196,7 +213,7 @@ def test_a_parameter_fastapi_cannot_convert_is_a_422_in_loraplex_shape(monkeypat
     from serve.ingress import app
     from serve.routes import services
 
-    config = SimpleNamespace(api_keys=[], max_body_bytes=1024)
+    config = AppConfig.model_validate({"models": [{"name": "flux", "family": "flux"}]})
     replica = SimpleNamespace(
         servable_object=SimpleNamespace(services=SimpleNamespace(config=config))
     )
@@ -301,3 +318,39 @@ def test_http_an_edit_input_longer_than_32_to_1(service, baseline):
 def test_http_a_query_parameter_of_the_wrong_type(service, baseline):
     response = service.put("/loras/uploads/u1", params={"offset": "abc"}, content=b"x")
     refused(service, baseline, response, 422, "invalid_request", "offset")
+
+
+def test_http_a_body_of_a_million_tiny_items(service, baseline):
+    response = post_raw(service, "/flux", b"[" + b"[]," * 1_000_000 + b"[]]")
+    refused(service, baseline, response, 413, "too_large", "body")
+
+
+def _ingress_rss_mb() -> int:
+    import psutil
+    from ray.util.state import list_actors
+
+    alive = [("state", "=", "ALIVE"), ("class_name", "=", "ServeReplica:loraplex:Ingress")]
+    # Ray's state API can answer with nothing on a loaded machine: ask again.
+    deadline = time.monotonic() + 20
+    while not (found := list_actors(filters=alive)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    [ingress] = found
+    return psutil.Process(ingress.pid).memory_info().rss >> 20
+
+
+@pytest.mark.parametrize("path", ["/flux", "/loras/streamed.safetensors", "/datasets/streamed"])
+def test_http_a_300_mb_chunked_body_is_refused_as_it_arrives(service, baseline, path):
+    """No Content-Length: the limit (4 MB here) applies as the chunks arrive; the ingress
+    holds at most the limit of it (it read 300 MB whole before, 700 MB more resident)."""
+    before_mb = _ingress_rss_mb()
+
+    def chunks():
+        for _ in range(300):
+            yield b"x" * 1024 * 1024
+
+    method = "POST" if path == "/flux" else "PUT"
+    response = service.request(method, path, content=chunks())
+    message = refused(service, baseline, response, 413, "too_large", "body")
+    assert "over the limit of 4194304 bytes" in message
+    # Far below the body: what grows is buffers of Serve's proxy and the allocator's pools.
+    assert _ingress_rss_mb() - before_mb < 150

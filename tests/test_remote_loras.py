@@ -1,8 +1,9 @@
 """LoRAs by URL: the allowlist, the node-local disk cache, and URL sources served end to end.
 
 Files come from a real HTTP server on 127.0.0.1 (tests/file_server.py). The `service` fixture
-enables URL sources for http://127.0.0.1 only; that a default config refuses them is tested on
-the config and check directly.
+enables URL sources for http://127.0.0.1 only, that address and any port allowed explicitly;
+that a default config refuses them is tested on the config and check directly, and the address
+checks in test_outbound_urls.py.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ def remote_config(tmp_path, **overrides) -> RemoteLoraConfig:
         "enabled": True,
         "allowed_hosts": ["127.0.0.1"],
         "allowed_schemes": ["http"],
+        # The test server listens on loopback at a port of its own: both allowed by name.
+        "allowed_networks": ["127.0.0.1/32"],
+        "allowed_ports": "any",
         "cache_dir": str(tmp_path / "cache"),
         "timeout_s": 10,
         **overrides,

@@ -149,6 +149,8 @@ def test_image_urls_are_read_and_checked(tmp_path):
                 {"url": server.url("img0.png"), "caption": "a circle"},
                 {"url": str(data / "img1.png")},
             ],
+            # The test server is on loopback, at a port of its own: allowed here by name.
+            url_rules={"allowed_networks": ["127.0.0.1/32"], "allowed_ports": "any"},
         )
         summary = check_dataset(TrainJob.model_validate(good))
         assert summary.images == 2 and summary.total_steps == 20

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from cluster.train.checks import check_job
 from cluster.train.config import TrainJob
 from cluster.train.run import run
-from deployments.errors import InvalidRequest
+from deployments.errors import LoraplexError
 
 
 def load_job(path: str) -> TrainJob:
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
             field = ".".join(str(part) for part in error["loc"]) or "job"
             print(f"error: {field}: {error['msg']}", file=sys.stderr)
         return 2
-    except (InvalidRequest, OSError, yaml.YAMLError, json.JSONDecodeError) as e:
+    except (LoraplexError, OSError, yaml.YAMLError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(

@@ -8,6 +8,7 @@ import importlib.util
 
 from cluster.train.config import TrainJob
 from cluster.train.data import DatasetSummary, check_dataset
+from cluster.train.publish import check_output_free
 from deployments.errors import InvalidRequest
 from deployments.family import get_family
 
@@ -18,7 +19,8 @@ OPTIONAL_OPTIMIZERS = {"adamw8bit": "bitsandbytes", "lion": "lion_pytorch"}
 def check_job(job: TrainJob) -> DatasetSummary:
     """Everything that can be refused before a worker starts, with the field named:
     InvalidRequest for a family that cannot be trained, an option it lacks, a missing optimizer
-    package, an empty dataset or an unreadable image. Returns the dataset's summary."""
+    package, an empty dataset or an unreadable image; Conflict for an output name taken
+    without `config.overwrite`. Returns the dataset's summary."""
     family = get_family(job.base_model)
     if family.training is None:
         raise InvalidRequest(
@@ -38,6 +40,7 @@ def check_job(job: TrainJob) -> DatasetSummary:
         )
     if config.sample_every and not config.sample_prompts:
         raise InvalidRequest("config.sample_every: set sample_prompts too")
+    check_output_free(job)
     summary = check_dataset(job)
     if config.lr_warmup_steps >= summary.total_steps:
         raise InvalidRequest(

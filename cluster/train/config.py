@@ -15,9 +15,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.errors import LoraNotFound
 from deployments.family import FAMILY_NAMES, FamilyName
+from deployments.loras.store import LORA_SUFFIX, check_name
+from deployments.outbound import UrlRules
 
 RUN_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 STATUS_FILE = "status.json"
@@ -104,6 +107,11 @@ class TrainConfig(BaseModel):
     export_kohya: bool = Field(
         default=False, description="Also write <output>.kohya.safetensors for ComfyUI/A1111."
     )
+    overwrite: bool = Field(
+        default=False,
+        description="Replace an adapter of the output's name. Off: a job whose output exists is "
+        "refused at submit, and fails rather than replace one published while it trained.",
+    )
 
     @model_validator(mode="after")
     def _check_workers(self) -> TrainConfig:
@@ -157,6 +165,25 @@ class TrainJob(BaseModel):
         default="./models/train", max_length=2048, description="Runs, checkpoints, status."
     )
     config: TrainConfig = Field(default_factory=TrainConfig)
+    url_rules: UrlRules = Field(
+        default_factory=UrlRules,
+        description="Where image_urls may point (deployments/outbound.py): by default any host "
+        "over http(s), on ports 80 and 443, at public addresses only. POST /train sets it from "
+        "the server's remote_loras.",
+    )
+
+    @field_validator("output_name")
+    @classmethod
+    def _name_in_lora_root(cls, name: str | None) -> str | None:
+        # Checked here, not when the trained adapter is published: a name the store refuses
+        # would otherwise fail only after the whole run.
+        if name is not None:
+            try:
+                check_name(output_file_for(name))
+            except LoraNotFound as e:
+                reason = e.message.partition(" (")[2].rstrip(")") or "not a file name"
+                raise ValueError(f"{name!r} is not a name under the LoRA root ({reason})") from e
+        return name
 
     @model_validator(mode="after")
     def _check(self) -> TrainJob:
@@ -173,8 +200,11 @@ class TrainJob(BaseModel):
         """The file name the adapter is published under, relative to the LoRA root."""
         if self.character_id is not None:
             return f"character-{self.character_id}.safetensors"
-        name = str(self.output_name)
-        return name if name.endswith(".safetensors") else f"{name}.safetensors"
+        return output_file_for(str(self.output_name))
+
+
+def output_file_for(output_name: str) -> str:
+    return output_name if output_name.endswith(LORA_SUFFIX) else f"{output_name}{LORA_SUFFIX}"
 
 
 class RunStatus(BaseModel):

@@ -18,12 +18,15 @@ from PIL import Image, UnidentifiedImageError
 from cluster.train.config import TrainJob
 from deployments.errors import InvalidRequest
 from deployments.media import MAX_DATASET_IMAGE_PIXELS, load_image
+from deployments.outbound import check_url, fetch_bytes
 from deployments.storage import shared_root
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 BUCKET_STEP_PX = 64  # every family's VAE x patch size divides it
 MAX_ASPECT_RATIO = 2.0
 FETCH_TIMEOUT_S = 30.0
+HTTP_SCHEMES = ("http://", "https://")
+MAX_IMAGE_BYTES = 256 * 1024**2  # an image by URL is refused once over this, as it arrives
 
 
 @dataclass(frozen=True)
@@ -79,11 +82,14 @@ def list_items(job: TrainJob) -> list[Item]:
     return items
 
 
-def read_bytes(source: str) -> bytes:
-    if source.startswith(("http://", "https://")):
-        response = httpx.get(source, timeout=FETCH_TIMEOUT_S, follow_redirects=True)
-        response.raise_for_status()
-        return response.content
+def read_bytes(job: TrainJob, source: str, field: str = "image_urls") -> bytes:
+    """An image's bytes. An http(s) image URL is fetched under the job's `url_rules`, every
+    redirect re-checked (deployments/outbound.py); other image URLs obey the rules' schemes
+    and hosts when the server set them; dataset files are read as they are listed."""
+    if job.image_urls and source.lower().startswith(HTTP_SCHEMES):
+        return fetch_bytes(source, job.url_rules, field, MAX_IMAGE_BYTES, FETCH_TIMEOUT_S)
+    if job.image_urls and job.url_rules.allowed_hosts is not None:
+        check_url(source, job.url_rules, field)
     with fsspec.open(source, "rb") as file:
         return file.read()
 
@@ -111,7 +117,7 @@ def check_dataset(job: TrainJob) -> DatasetSummary:
             else f"dataset: {posixpath.basename(item.source)}"
         )
         try:
-            data = read_bytes(item.source)
+            data = read_bytes(job, item.source, f"image_urls.{index}.url")
             image = open_image(data, label)
         except (OSError, UnidentifiedImageError, httpx.HTTPError, ValueError) as e:
             raise InvalidRequest(f"{label}: unreadable image ({e})") from e
@@ -162,7 +168,7 @@ class Sample:
 def load_images(job: TrainJob) -> list[Sample]:
     samples = []
     for item in list_items(job):
-        image = open_image(read_bytes(item.source))
+        image = open_image(read_bytes(job, item.source))
         width, height = bucket_size(
             image.size, job.config.resolution, job.config.aspect_ratio_buckets
         )

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save
 
 from cluster.train.config import TrainJob
+from deployments.errors import Conflict
 from deployments.family import Family, get_family
 from deployments.loras.files import parse_lora_file
 from deployments.loras.formats import LORA_ADAPTER_METADATA_KEY
@@ -90,10 +91,36 @@ def kohya_name(output_file: str) -> str:
     return output_file.removesuffix(".safetensors") + KOHYA_SUFFIX
 
 
+def output_files(job: TrainJob) -> list[str]:
+    """The names a job publishes under, relative to the LoRA root."""
+    names = [job.output_file]
+    if job.config.export_kohya:
+        names.append(kohya_name(job.output_file))
+    return names
+
+
+def check_output_free(job: TrainJob, store: LoraStore | None = None) -> None:
+    """Conflict naming the output's field when one of the job's names is taken in the LoRA
+    root and the job may not replace it (`config.overwrite`)."""
+    if job.config.overwrite:
+        return
+    store = store or LoraStore(job.lora_root)
+    taken = [name for name in output_files(job) if store.exists(name)]
+    if taken:
+        field = "character_id" if job.character_id is not None else "output_name"
+        raise Conflict(
+            f"{field}: {taken[0]} already exists in the LoRA root; set config.overwrite: true "
+            "to replace it, or choose another name"
+        )
+
+
 def publish(job: TrainJob, adapter_bytes: bytes) -> list[LoraRef]:
     """Write the adapter (and its kohya copy when asked) into the LoRA root, each in one step:
-    a server sees the old file or the new one, never part of one."""
+    a server sees the old file or the new one, never part of one. Without `config.overwrite`
+    a name taken since the job was submitted is Conflict and nothing is written (checked just
+    before the write: two jobs publishing one name in the same instant can still both write)."""
     store = LoraStore(job.lora_root)
+    check_output_free(job, store)
     refs = [store.write(job.output_file, adapter_bytes)]
     if job.config.export_kohya:
         tensors, metadata = parse_lora_file(adapter_bytes, job.output_file)

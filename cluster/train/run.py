@@ -31,6 +31,7 @@ from cluster.train.loop import ADAPTER_FILE, train_loop
 from cluster.train.loop_config import loop_config_for
 from cluster.train.progress import absolute_location, run_dir_for
 from cluster.train.publish import publish
+from deployments.errors import Conflict
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,23 @@ def run(job: TrainJob, summary: DatasetSummary | None = None) -> RunStatus:
     with result.checkpoint.as_directory() as folder:
         with open(os.path.join(folder, ADAPTER_FILE), "rb") as file:
             adapter = file.read()
-    refs = publish(job, adapter)
+    return finish(
+        job, run_dir, status, adapter, posixpath.join(result.checkpoint.path, ADAPTER_FILE)
+    )
+
+
+def finish(
+    job: TrainJob, run_dir: str, status: RunStatus, adapter: bytes, kept_at: str
+) -> RunStatus:
+    """Publish the trained adapter and write the final status: SUCCEEDED, or FAILED with the
+    reason when its name was taken while it trained and the job may not replace it."""
+    try:
+        refs = publish(job, adapter)
+    except Conflict as e:
+        status.state = "FAILED"
+        status.error = f"{e.message}. Not published; the trained adapter is kept at {kept_at}"
+        progress.write_status(run_dir, status)
+        return status
     status.state = "SUCCEEDED"
     status.output_lora = refs[0].name
     status.eta_s = 0.0

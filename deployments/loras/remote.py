@@ -1,7 +1,8 @@
 """LoRAs by URL: the allowlist check, and a node-local disk cache of fetched files.
 
 The ingress checks a URL against the allowlist and names the adapter after it; a replica fetches
-the file through `RemoteLoraCache`, into the node's disk cache (disk_cache.py: one download per
+the file through `RemoteLoraCache`, each hop's address checked as it connects
+(deployments/outbound.py), into the node's disk cache (disk_cache.py: one download per
 URL at a time across the node's replicas, a byte budget, least recently used dropped first). A
 cached file is named by the sha256 of its normalised URL, so a URL is taken to name one
 immutable file (as versioned hub and bucket URLs do): a changed file needs a new URL.
@@ -13,20 +14,18 @@ import hashlib
 import time
 from dataclasses import dataclass
 from typing import BinaryIO
-from urllib.parse import urlsplit
 
 import fsspec
 import httpx
 from filelock import Timeout
 
+from deployments import outbound
 from deployments.config import RemoteLoraConfig
 from deployments.errors import InvalidRequest, LoraNotFound, RemoteFetchFailed, TooLarge
 from deployments.loras.disk_cache import DiskCache, OverBudget
+from deployments.outbound import DEFAULT_PORTS, HTTP_SCHEMES, Resolver, system_resolver
 from deployments.schemas import LoraRef
 
-HTTP_SCHEMES = ("http", "https")
-DEFAULT_PORTS = {"http": 80, "https": 443}
-MAX_REDIRECTS = 5
 CHUNK_BYTES = 1024 * 1024
 LOCK_SLACK_S = 60  # a waiter allows the download it waits for this much beyond timeout_s
 
@@ -55,26 +54,13 @@ class RemoteSource:
 
 
 def check_url(url: str, config: RemoteLoraConfig, field: str) -> RemoteSource:
-    """The URL in normal form; InvalidRequest naming `field` unless the config allows it."""
+    """The URL in normal form; InvalidRequest naming `field` unless the config allows it
+    (scheme, host, port and an IP literal's address: deployments/outbound.py). A host name's
+    addresses are checked when it is fetched."""
     if not config.enabled:
         raise InvalidRequest(f"{field}: URL sources are disabled on this server")
-    if not url.isascii() or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
-        raise InvalidRequest(f"{field}: not a valid URL (spaces or non-ASCII characters)")
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        raise InvalidRequest(f"{field}: not a valid URL ({e})") from e
-    scheme, host = parts.scheme.lower(), parts.hostname or ""
-    if scheme not in config.allowed_schemes:
-        raise InvalidRequest(
-            f"{field}: scheme {scheme or '(none)'!r} is not allowed "
-            f"(allowed: {', '.join(config.allowed_schemes)})"
-        )
-    if parts.username is not None or parts.password is not None:
-        raise InvalidRequest(f"{field}: credentials in the URL are not accepted")
-    if host not in config.allowed_hosts:
-        raise InvalidRequest(f"{field}: host {host or '(none)'!r} is not allowed")
+    parts = outbound.check_url(url, config.url_rules, field)
+    scheme, host, port = parts.scheme.lower(), parts.hostname or "", parts.port
     if parts.path in ("", "/"):
         raise InvalidRequest(f"{field}: the URL names no file")
     netloc = f"[{host}]" if ":" in host else host
@@ -88,8 +74,10 @@ class RemoteLoraCache:
     """Fetches allowed URLs into the node's disk cache (disk_cache.py), a file named by the
     sha256 of its URL; thread- and process-safe."""
 
-    def __init__(self, config: RemoteLoraConfig):
+    def __init__(self, config: RemoteLoraConfig, resolver: Resolver = system_resolver):
         self.config = config
+        self.resolver = resolver
+        """How host names become addresses (tests pass their own)."""
         self.cache = DiskCache(
             config.cache_dir,
             config.cache_budget_bytes,
@@ -125,31 +113,19 @@ class RemoteLoraCache:
         return self._download_fsspec(source, out, deadline)
 
     def _download_http(self, source: RemoteSource, out: BinaryIO, deadline: float) -> int:
-        timeout = httpx.Timeout(self.config.timeout_s)
-        url = source.url
+        field = f"url {source.display}"
+        rules = self.config.url_rules
         try:
-            with httpx.Client(timeout=timeout, follow_redirects=False) as client:
-                # Redirects are followed by hand so every hop meets the allowlist.
-                for _hop in range(MAX_REDIRECTS + 1):
-                    with client.stream("GET", url) as response:
-                        if response.is_redirect:
-                            url = self._redirect_target(source, response)
-                            continue
-                        self._check_status(source, response)
-                        self._check_declared_size(source, response.headers)
-                        return self._copy(source, response.iter_bytes(CHUNK_BYTES), out, deadline)
+            with outbound.open_http(
+                source.url, rules, field, self.config.timeout_s, self.resolver
+            ) as response:
+                self._check_status(source, response)
+                self._check_declared_size(source, response.headers)
+                return self._copy(source, response.iter_bytes(CHUNK_BYTES), out, deadline)
         except httpx.TimeoutException as e:
             raise self._timed_out(source) from e
         except httpx.HTTPError as e:
-            raise RemoteFetchFailed(f"url {source.display}: download failed ({e})") from e
-        raise RemoteFetchFailed(f"url {source.display}: more than {MAX_REDIRECTS} redirects")
-
-    def _redirect_target(self, source: RemoteSource, response: httpx.Response) -> str:
-        target = str(response.url.join(response.headers.get("location", "")))
-        try:
-            return check_url(target, self.config, "redirect").url
-        except InvalidRequest as e:
-            raise InvalidRequest(f"url {source.display}: refused {e.message}") from e
+            raise RemoteFetchFailed(f"{field}: download failed ({e})") from e
 
     def _check_status(self, source: RemoteSource, response: httpx.Response) -> None:
         if response.status_code in (404, 410):

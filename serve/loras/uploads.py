@@ -111,6 +111,9 @@ class UploadState(BaseModel):
     upload_id: str
     start: UploadStart
     created_s: float
+    tenant: str | None = None
+    """The tenant of the key that began it: only that tenant's keys (or keys without a tenant)
+    reach it, and it publishes into that tenant's folder."""
     offset: int = 0
     """Bytes received so far: where the next chunk starts."""
 
@@ -121,13 +124,15 @@ class Uploads:
         self.max_lora_bytes = max_lora_bytes
         self.expiry_s = expiry_s
 
-    def start(self, start: UploadStart) -> UploadState:
+    def start(self, start: UploadStart, tenant: str | None = None) -> UploadState:
         if start.total_size > self.max_lora_bytes:
             raise TooLarge(
                 f"total_size: {start.total_size} bytes is over the limit of {self.max_lora_bytes}"
             )
         self.remove_expired()
-        state = UploadState(upload_id=uuid.uuid4().hex, start=start, created_s=time.time())
+        state = UploadState(
+            upload_id=uuid.uuid4().hex, start=start, created_s=time.time(), tenant=tenant
+        )
         self.store.write_staged(self._path(state.upload_id, _STATE_FILE), state_json(state))
         return state
 
@@ -141,12 +146,13 @@ class Uploads:
             "expires_at_s": state.created_s + self.expiry_s,
         }
 
-    def state(self, upload_id: str) -> UploadState:
-        """The upload and its current offset; NotFound when unknown or expired."""
+    def state(self, upload_id: str, tenant: str | None = None) -> UploadState:
+        """The upload and its current offset; NotFound when unknown or expired, or when it is
+        another tenant's (`tenant` None: any upload)."""
         if not _UPLOAD_ID.match(upload_id):
             raise NotFound(f"upload not found: {upload_id}")
         state = self._load(upload_id)
-        if state is None:
+        if state is None or tenant not in (None, state.tenant):
             raise NotFound(f"upload not found: {upload_id}")
         if self._expired(state):
             self.remove(upload_id)
@@ -154,9 +160,11 @@ class Uploads:
         state.offset = sum(size for _, size in self._parts(upload_id))
         return state
 
-    def append(self, upload_id: str, offset: int, chunk: bytes) -> UploadState:
+    def append(
+        self, upload_id: str, offset: int, chunk: bytes, tenant: str | None = None
+    ) -> UploadState:
         """Store one chunk at `offset`, which must be the bytes received so far."""
-        state = self.state(upload_id)
+        state = self.state(upload_id, tenant)
         if offset != state.offset:
             raise Conflict(
                 f"offset: expected {state.offset} (bytes received so far), got {offset}; "
@@ -172,10 +180,10 @@ class Uploads:
         state.offset += len(chunk)
         return state
 
-    def assemble(self, upload_id: str) -> tuple[UploadState, bytes]:
+    def assemble(self, upload_id: str, tenant: str | None = None) -> tuple[UploadState, bytes]:
         """The whole file, checked against the announced size and sha256. A wrong sha256
         removes the upload: its bytes are wrong somewhere, so resuming cannot fix it."""
-        state = self.state(upload_id)
+        state = self.state(upload_id, tenant)
         if state.offset != state.start.total_size:
             raise Conflict(
                 f"total_size: received {state.offset} of {state.start.total_size} bytes; "

@@ -4,32 +4,51 @@ Included last: `/{endpoint}` would match every other POST route of the ingress.
 """
 
 import asyncio
+import logging
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from ray import serve
 from ray.serve.exceptions import BackPressureError
 
-from deployments.errors import NotFound, Overloaded
-from deployments.schemas import GenerationRequest
+from deployments.errors import NotFound, Overloaded, ReplicaUnavailable
+from deployments.schemas import EditRequest, GenerationRequest, VideoRequest
+from serve.auth import CanGenerate
+from serve.openapi import json_body
 from serve.resolve import resolve_job
 from serve.routes.bodies import read_json
-from serve.routes.services import ServicesDep
+from serve.routes.services import REPLICA_LOST, ServicesDep
 
-# The body is read by hand (its model depends on the endpoint's family), so OpenAPI is told.
-GENERATION_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {"application/json": {"schema": GenerationRequest.model_json_schema()}},
-    },
-    "responses": {"200": {"description": "The generated media, with cost headers."}},
+# The body is read by hand (its model depends on the endpoint's family: video endpoints add
+# length and fps, edit endpoints the image), so OpenAPI is told.
+GENERATION_BODY = json_body(GenerationRequest, VideoRequest, EditRequest)
+MEDIA = {"schema": {"type": "string", "format": "binary"}}
+GENERATED = {
+    200: {
+        "description": "The generated media, with X-Seed, X-Model and cost headers.",
+        "content": {media: MEDIA for media in ("image/png", "image/jpeg", "image/webp")},
+    }
 }
+
+# How long a generation whose replica died waits for a running replica of its deployment before
+# it answers 503: Serve starts a replacement at once, but one that cannot be placed (no node
+# has room) would leave a retry queued in the handle for as long as the client waits.
+REPLICA_WAIT_S = 30.0
+REPLICA_POLL_S = 0.5
+
+logger = logging.getLogger("ray.serve")
 
 router = APIRouter()
 
 
-@router.post("/{endpoint}", openapi_extra=GENERATION_BODY, response_class=Response)
-async def generate(endpoint: str, request: Request, services: ServicesDep) -> Response:
-    """Generate with the endpoint's model. `<model>-lora` endpoints require a LoRA."""
+@router.post(
+    "/{endpoint}", openapi_extra=GENERATION_BODY, response_class=Response, responses=GENERATED
+)
+async def generate(
+    endpoint: str, request: Request, services: ServicesDep, principal: CanGenerate
+) -> Response:
+    """Generate with the endpoint's model. `<model>-lora` endpoints require a LoRA; a tenant
+    key's LoRA names are its own or shared ones."""
     found = services.config.model_for_endpoint(endpoint)
     if found is None:
         raise NotFound(f"no endpoint /{endpoint}")
@@ -45,14 +64,12 @@ async def generate(endpoint: str, request: Request, services: ServicesDep) -> Re
         lora_required=lora_required,
         store=services.store,
         config=services.config,
+        tenant=principal.tenant,
     )
     handle = services.handles[model.name]
     if job.adapters:
         handle = handle.options(multiplexed_model_id=job.adapters[0].key)
-    try:
-        result = await handle.generate.remote(job)
-    except BackPressureError as e:
-        raise Overloaded(f"{model.name} is at capacity; retry shortly") from e
+    result = await _generate_retrying(handle, job, model.name)
     headers = {
         "X-Seed": str(job.seed),
         "X-Model": model.name,
@@ -63,3 +80,43 @@ async def generate(endpoint: str, request: Request, services: ServicesDep) -> Re
     if result.lora_cache:
         headers["X-LoRA-Cache"] = ",".join(result.lora_cache)
     return Response(result.content, media_type=result.media_type, headers=headers)
+
+
+async def _generate_retrying(handle, job, deployment: str):
+    """The job's result; a job whose replica was lost is sent once more, where Serve routes it
+    now (a generation is idempotent: the job carries its seed and its adapters' versions)."""
+    try:
+        return await _generate(handle, job, deployment)
+    except REPLICA_LOST as e:
+        lost = e
+    logger.warning(
+        "%s: the replica serving a request is gone (%r); sending it once more", deployment, lost
+    )
+    if not await _replica_running(deployment, REPLICA_WAIT_S):
+        raise ReplicaUnavailable(
+            f"{deployment}: the replica serving the request is gone ({type(lost).__name__}) "
+            f"and none is running after {REPLICA_WAIT_S:.0f} s; retry shortly"
+        ) from lost
+    return await _generate(handle, job, deployment)
+
+
+async def _generate(handle, job, deployment: str):
+    try:
+        return await handle.generate.remote(job)
+    except BackPressureError as e:
+        raise Overloaded(f"{deployment} is at capacity; retry shortly") from e
+
+
+async def _replica_running(deployment: str, wait_s: float) -> bool:
+    """Whether Serve has a running replica of `deployment` of this app, within `wait_s`."""
+    app_name = serve.get_replica_context().app_name
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while True:
+        status = await asyncio.to_thread(serve.status)  # a call to Serve's controller
+        app = status.applications.get(app_name)
+        found = app.deployments.get(deployment) if app is not None else None
+        if found is not None and found.replica_states.get("RUNNING", 0) > 0:
+            return True
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(REPLICA_POLL_S)

@@ -9,6 +9,7 @@ reachable (the upload routes hand it over).
 """
 
 import asyncio
+import posixpath
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -23,9 +24,12 @@ from deployments.family import FAMILY_NAMES
 from deployments.loras.files import parse_lora_file
 from deployments.loras.formats import inspect_lora
 from deployments.loras.store import LORA_SUFFIX
+from serve import tenants
+from serve.auth import CanReadLoras, CanWriteLoras
 from serve.config import AppConfig
 from serve.loras.merge_request import MergeRequest
 from serve.loras.uploads import UploadStart, checked_target, with_metadata
+from serve.openapi import RAW_BODY, json_body
 from serve.routes.bodies import read_body, read_json
 from serve.routes.services import Services, ServicesDep, replica_error
 from serve.validation import validated
@@ -34,36 +38,53 @@ router = APIRouter()
 
 
 @router.get("/loras")
-async def list_loras(services: ServicesDep, family: str | None = None) -> dict:
+async def list_loras(
+    services: ServicesDep, principal: CanReadLoras, family: str | None = None
+) -> dict:
     """Every file under the LoRA root: size, sha256, format, family, rank, alpha, targets,
-    trigger words. `?family=` keeps one family's files."""
+    trigger words. `?family=` keeps one family's files. A tenant key sees its own files and
+    the shared ones (`shared`)."""
     if family is not None and family not in FAMILY_NAMES:
         raise InvalidRequest(f"family: unknown {family!r}; expected one of {FAMILY_NAMES}")
-    return {"loras": await asyncio.to_thread(services.catalog.entries, family)}
+    entries = await asyncio.to_thread(services.catalog.entries, family)
+    return {"loras": tenants.entries_seen(entries, principal.tenant)}
 
 
-@router.post("/loras/uploads", status_code=201)
-async def start_upload(request: Request, services: ServicesDep) -> dict:
+@router.post("/loras/uploads", status_code=201, openapi_extra=json_body(UploadStart))
+async def start_upload(request: Request, services: ServicesDep, principal: CanWriteLoras) -> dict:
     """Begin a resumable upload: `{filename, total_size, sha256, metadata}` -> upload_id."""
     start = validated(UploadStart, await read_json(request, services.config.max_body_bytes))
     start.check_metadata()
     _check_family(start.family, services.config)
-    await asyncio.to_thread(_check_free, services, start.filename, start.overwrite, "filename")
-    state = await asyncio.to_thread(services.uploads.start, start)
+    target = tenants.owned(principal.tenant, start.filename, "filename")
+    await asyncio.to_thread(_check_free, services, target, start.overwrite, "filename")
+    state = await asyncio.to_thread(services.uploads.start, start, principal.tenant)
     return services.uploads.describe(state)
 
 
 @router.get("/loras/uploads/{upload_id}")
-async def upload_state(upload_id: str, services: ServicesDep) -> dict:
+async def upload_state(upload_id: str, services: ServicesDep, principal: CanWriteLoras) -> dict:
     """The upload's offset: where an interrupted client resumes."""
-    return services.uploads.describe(await asyncio.to_thread(services.uploads.state, upload_id))
+    state = await asyncio.to_thread(services.uploads.state, upload_id, principal.tenant)
+    return services.uploads.describe(state)
 
 
-@router.put("/loras/uploads/{upload_id}")
+# A 201 for a file named `uploads/<name>.safetensors`, which PUT /loras/{name} publishes.
+@router.put(
+    "/loras/uploads/{upload_id}",
+    openapi_extra=RAW_BODY,
+    responses={
+        201: {
+            "description": "A LoRA file published (a name ending .safetensors).",
+            "content": {"application/json": {"schema": {"type": "object"}}},
+        }
+    },
+)
 async def upload_chunk(
     upload_id: str,
     request: Request,
     services: ServicesDep,
+    principal: CanWriteLoras,
     offset: int | None = None,
     family: str | None = None,
     overwrite: bool = False,
@@ -71,49 +92,62 @@ async def upload_chunk(
     """One chunk at `?offset=N`, which must equal the bytes received so far (409 with the
     expected offset otherwise). A chunk is one request body, so at most max_body_bytes."""
     if upload_id.endswith(LORA_SUFFIX):
-        entry = await put_lora(f"uploads/{upload_id}", request, services, family, overwrite)
+        name = f"uploads/{upload_id}"
+        entry = await put_lora(name, request, services, principal, family, overwrite)
         return JSONResponse(entry, status_code=201)
     if offset is None:
         raise InvalidRequest("offset: required (the bytes received so far)")
     chunk = await read_body(request, services.config.max_body_bytes)
-    state = await asyncio.to_thread(services.uploads.append, upload_id, offset, chunk)
+    append = services.uploads.append
+    state = await asyncio.to_thread(append, upload_id, offset, chunk, principal.tenant)
     return JSONResponse(services.uploads.describe(state))
 
 
 @router.post("/loras/uploads/{upload_id}/complete", status_code=201)
-async def complete_upload(upload_id: str, services: ServicesDep) -> dict:
+async def complete_upload(upload_id: str, services: ServicesDep, principal: CanWriteLoras) -> dict:
     """Check size and sha256, merge the upload's metadata into the file, validate the file as
     it will be published, publish atomically. Once the bytes are whole, the upload ends here
-    either way: a refusal publishes nothing and removes what was staged."""
-    state, data = await asyncio.to_thread(services.uploads.assemble, upload_id)
+    either way: a refusal publishes nothing and removes what was staged. It publishes into
+    the folder of the tenant that began it."""
+    assemble = services.uploads.assemble
+    state, data = await asyncio.to_thread(assemble, upload_id, principal.tenant)
     start = state.start
+    target = tenants.owned(state.tenant, start.filename, "filename")
     try:
         data = with_metadata(data, start.file_metadata(), start.filename)
         await _validate(services, data, start.filename, start.family)
-        return await _publish(services, data, start.filename, start.overwrite, "filename")
+        entry = await _publish(services, data, target, start.overwrite, "filename")
+        return _as_seen(entry, state.tenant)
     finally:
         await asyncio.to_thread(services.uploads.remove, upload_id)
 
 
 @router.delete("/loras/uploads/{upload_id}")
-async def abort_upload(upload_id: str, services: ServicesDep) -> dict:
+async def abort_upload(upload_id: str, services: ServicesDep, principal: CanWriteLoras) -> dict:
     """Abandon an upload and remove what it staged."""
     if upload_id.endswith(LORA_SUFFIX):
-        return await delete_lora(f"uploads/{upload_id}", services)
-    await asyncio.to_thread(services.uploads.state, upload_id)  # 404 when unknown
+        return await delete_lora(f"uploads/{upload_id}", services, principal)
+    # 404 when unknown, or another tenant's
+    await asyncio.to_thread(services.uploads.state, upload_id, principal.tenant)
     await asyncio.to_thread(services.uploads.remove, upload_id)
     return {"aborted": upload_id}
 
 
-@router.post("/loras/merge", status_code=201)
-async def merge_loras(request: Request, services: ServicesDep) -> dict:
+@router.post("/loras/merge", status_code=201, openapi_extra=json_body(MergeRequest))
+async def merge_loras(request: Request, services: ServicesDep, principal: CanWriteLoras) -> dict:
     """`{inputs: [{name, ratio}], output}`: one file that, at strength 1, applies what the
-    stack of the inputs at their ratios does."""
+    stack of the inputs at their ratios does. A tenant key merges what it may read into its
+    own folder."""
     config, store, catalog = services.config, services.store, services.catalog
+    tenant = principal.tenant
     merge = validated(MergeRequest, await read_json(request, config.max_body_bytes))
     _check_family(merge.family, config)
-    await asyncio.to_thread(_check_free, services, merge.output, merge.overwrite, "output")
-    refs = [await asyncio.to_thread(store.resolve, item.name) for item in merge.inputs]
+    output = tenants.owned(tenant, merge.output, "output")
+    await asyncio.to_thread(_check_free, services, output, merge.overwrite, "output")
+    refs = [
+        await asyncio.to_thread(tenants.resolve_lora, store, tenant, item.name)
+        for item in merge.inputs
+    ]
     entries = [await asyncio.to_thread(catalog.entry_of, ref) for ref in refs]
     for entry in entries:
         if entry["error"]:
@@ -138,33 +172,40 @@ async def merge_loras(request: Request, services: ServicesDep) -> dict:
             f"output: the merged file is {len(data)} bytes, over the limit of "
             f"{config.max_lora_bytes}"
         )
-    return await _publish(services, data, merge.output, merge.overwrite, "output")
+    entry = await _publish(services, data, output, merge.overwrite, "output")
+    return _as_seen(entry, tenant)
 
 
-@router.put("/loras/{name:path}", status_code=201)
+@router.put("/loras/{name:path}", status_code=201, openapi_extra=RAW_BODY)
 async def put_lora(
     name: str,
     request: Request,
     services: ServicesDep,
+    principal: CanWriteLoras,
     family: str | None = None,
     overwrite: bool = False,
 ) -> dict:
     """Upload one file (the body, at most max_body_bytes). It becomes visible only once
-    validated; `?family=` validates against that family, `?overwrite=true` replaces."""
+    validated; `?family=` validates against that family, `?overwrite=true` replaces. A
+    tenant key writes into its own folder."""
     name = checked_target(name, "name")
+    target = tenants.owned(principal.tenant, name)
     _check_family(family, services.config)
-    await asyncio.to_thread(_check_free, services, name, overwrite, "name")
+    await asyncio.to_thread(_check_free, services, target, overwrite, "name")
     limit = min(services.config.max_body_bytes, services.config.max_lora_bytes)
     data = await read_body(request, limit)
     await _validate(services, data, name, family)
-    return await _publish(services, data, name, overwrite, "name")
+    entry = await _publish(services, data, target, overwrite, "name")
+    return _as_seen(entry, principal.tenant)
 
 
 @router.delete("/loras/{name:path}")
-async def delete_lora(name: str, services: ServicesDep) -> dict:
-    """Remove a file (404 when absent). Requests naming it afterwards get 404."""
-    ref = await asyncio.to_thread(services.store.delete, name)
-    return {"deleted": ref.name}
+async def delete_lora(name: str, services: ServicesDep, principal: CanWriteLoras) -> dict:
+    """Remove a file (404 when absent). Requests naming it afterwards get 404. A tenant key
+    removes its own files only (403 for a shared one)."""
+    name = checked_target(name, "name")  # a name no PUT could write is a 422, as for PUT
+    await asyncio.to_thread(tenants.delete_lora, services.store, principal.tenant, name)
+    return {"deleted": name}
 
 
 def _check_family(family: str | None, config: AppConfig) -> None:
@@ -178,7 +219,14 @@ def _check_family(family: str | None, config: AppConfig) -> None:
 
 def _check_free(services: Services, name: str, overwrite: bool, field: str) -> None:
     if not overwrite and services.store.exists(name):
-        raise Conflict(f"{field}: {name} already exists; set overwrite=true to replace it")
+        # The name's last part: a tenant key's file is named within its folder.
+        shown = posixpath.basename(name)
+        raise Conflict(f"{field}: {shown} already exists; set overwrite=true to replace it")
+
+
+def _as_seen(entry: dict, tenant: str | None) -> dict:
+    """A listing entry of a file just written, named as the key that wrote it sees it."""
+    return {**entry, "name": tenants.shown(tenant, entry["name"])}
 
 
 async def _validate(services: Services, data: bytes, name: str, family: str | None) -> None:

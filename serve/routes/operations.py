@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter
 
+from serve.auth import IsAdmin
 from serve.routes.services import ServicesDep
 
 router = APIRouter()
@@ -13,9 +14,10 @@ async def healthz() -> dict:
 
 
 @router.get("/models")
-async def models(services: ServicesDep) -> dict:
-    """Each deployment: family, model URI, endpoints, replicas and their hot adapters."""
-    replicas = await services.registry.snapshot.remote()
+async def models(services: ServicesDep, principal: IsAdmin) -> dict:
+    """Each deployment: family, model URI, endpoints, replicas and their hot adapters (every
+    tenant's LoRA names among them, hence the admin scope)."""
+    replicas = await services.registry.snapshot()
     return {
         "models": [
             {

@@ -10,10 +10,12 @@ in the constructor is not reliably the state a request sees.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.loras.store import LoraStore
@@ -21,8 +23,14 @@ from serve.config import AppConfig
 from serve.datasets import Datasets
 from serve.loras.catalog import Catalog
 from serve.loras.uploads import Uploads
-from serve.registry import registry_for
+from serve.registry import RegistryClient
 from serve.training import TrainingJobs
+
+# What a handle call raises when its replica is gone: the replica died or its node did
+# (ActorDiedError) or it cannot be reached (ActorUnavailableError), both RayActorError, or Serve
+# has no replica to give. Serve retries a request the replica had not yet accepted; one it had
+# accepted fails with these. The ingress answers them as 503 `replica_unavailable`.
+REPLICA_LOST = (RayActorError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
 @dataclass(frozen=True)
@@ -33,8 +41,8 @@ class Services:
     store: LoraStore
     catalog: Catalog
     uploads: Uploads
-    registry: Any
-    """The app's replica registry (an actor handle): hot adapters per replica."""
+    registry: RegistryClient
+    """The app's replica registry: hot adapters per replica."""
     datasets: Datasets
     training: TrainingJobs
 
@@ -47,7 +55,7 @@ class Services:
             store=store,
             catalog=Catalog(store),
             uploads=Uploads(store, config.max_lora_bytes, config.upload_expiry_s),
-            registry=registry_for(serve.get_replica_context().app_name),
+            registry=RegistryClient(serve.get_replica_context().app_name),
             datasets=Datasets(config.dataset_root),
             training=TrainingJobs(config),
         )
