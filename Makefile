@@ -20,12 +20,21 @@ $(STAMP): pyproject.toml Makefile
 serve: $(STAMP)
 	$(BIN)/serve run $(CONFIG)
 
-test: $(STAMP)
+# Headless Chromium and its driver, from Debian, for tests/test_browser.py (the playground and
+# the API docs in a real browser); chromium-driver pulls in chromium.
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update
+	$(SUDO) apt-get install -y chromium chromium-driver
+
+test: $(STAMP) $(CHROMEDRIVER)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 # The inner loop: everything but the tests marked slow (training runs, load tests, routing
 # clusters of their own).
-test-fast: $(STAMP)
+test-fast: $(STAMP) $(CHROMEDRIVER)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
 # The benchmark's ratios (loadtest/bench.py) into loadtest/reports/bench.{json,md}.

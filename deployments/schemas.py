@@ -123,6 +123,22 @@ def character_file_name(lora_id: str) -> str:
     return f"character-{lora_id}.safetensors"
 
 
+def steps_field():
+    """Denoising steps, as every generation body takes them (the OpenAI route's too)."""
+    return Field(default=None, ge=1, le=150, description="Denoising steps.")
+
+
+def cfg_field():
+    """The guidance scale under both of its common names."""
+    return Field(
+        default=None,
+        ge=0.0,
+        le=30.0,
+        validation_alias=AliasChoices("cfg", "guidance_scale"),
+        description="Guidance scale; alias guidance_scale.",
+    )
+
+
 class GenerationRequest(BaseModel):
     """The JSON body of every generation endpoint."""
 
@@ -132,14 +148,8 @@ class GenerationRequest(BaseModel):
     negative_prompt: str = Field(default="", max_length=4000)
     width: int | None = Field(default=None, ge=MIN_SIDE_PX, le=MAX_SIDE_PX, description="Pixels.")
     height: int | None = Field(default=None, ge=MIN_SIDE_PX, le=MAX_SIDE_PX, description="Pixels.")
-    steps: int | None = Field(default=None, ge=1, le=150, description="Denoising steps.")
-    cfg: float | None = Field(
-        default=None,
-        ge=0.0,
-        le=30.0,
-        validation_alias=AliasChoices("cfg", "guidance_scale"),
-        description="Guidance scale; alias guidance_scale.",
-    )
+    steps: int | None = steps_field()
+    cfg: float | None = cfg_field()
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Random when absent; echoed in X-Seed."
     )

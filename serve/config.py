@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
 from serve.auth import ApiKey, PlainKey
+from serve.queue.config import QueueConfig
 
 
 class BackPressureConfig(BaseModel):
@@ -126,6 +127,11 @@ class AppConfig(BaseModel):
     lora_root_cache: LoraRootCacheConfig = Field(
         default_factory=LoraRootCacheConfig,
         description="A node-local disk cache of lora_root's files (on for object stores).",
+    )
+    queue: QueueConfig = Field(
+        default_factory=QueueConfig,
+        description="The queue API (POST /queue/<endpoint>): its root, bounds, result "
+        "retention and webhooks (docs/api.md, Queue).",
     )
 
     @field_validator("lora_root", "dataset_root", "train_storage_path")

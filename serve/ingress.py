@@ -29,7 +29,8 @@ from deployments.errors import (
 from serve.auth import principal_of
 from serve.config import AppConfig
 from serve.openapi import describe_api, error_responses
-from serve.routes import generation, loras, operations, training
+from serve.queue.worker import QueueWorker
+from serve.routes import generation, loras, openai_images, operations, playground, queue, training
 from serve.routes.services import REPLICA_LOST, Services, current_services, replica_error
 from serve.serve_settings import check_serve_settings
 from serve.validation import describe_errors
@@ -52,24 +53,38 @@ STATUS_BY_CODE = {
     "replica_unavailable": 503,
     "job_server_unavailable": 503,
 }
-PUBLIC_PATHS = ("/healthz", "/docs", "/openapi.json")
+PUBLIC_PATHS = ("/healthz", "/openapi.json", *playground.PAGES)
+# The pages' scripts and styles (serve/routes/playground.py); no key, as a browser sends none.
+PUBLIC_PREFIXES = (f"{playground.PLAYGROUND_ASSETS}/", f"{playground.DOCS_ASSETS}/")
 RETRY_AFTER_S = 1
 
 app = FastAPI(
     title="loraplex",
     description="Diffusion models with per-request LoRA adapters, served by Ray Serve.",
     version="0.1.0",
+    # Served by serve/routes/playground.py from assets the ingress holds, not from a CDN.
+    docs_url=None,
+    redoc_url=None,
 )
 # In this order: a router's fixed paths before another's catch-all (`/{endpoint}` last).
 # Each declares the error statuses its routes can answer, with loraplex's error body.
 app.include_router(operations.router, responses=error_responses())
+app.include_router(playground.router, responses=error_responses())
+playground.mount_assets(app)
 app.include_router(loras.router, responses=error_responses(409))
 app.include_router(training.router, responses=error_responses(409))
+app.include_router(queue.router, responses=error_responses(400, 409, 502))
+app.include_router(openai_images.router, responses=error_responses(400, 502))
 app.include_router(generation.router, responses=error_responses(400, 502))
 
 
 def openapi_description() -> dict:
-    return describe_api(app)
+    """The description of the app this replica serves, built once: its generation paths are
+    the configured endpoints (serve/openapi.py)."""
+    if app.openapi_schema is None:
+        config = serve.get_replica_context().servable_object.services.config
+        app.openapi_schema = describe_api(app, config)
+    return app.openapi_schema
 
 
 app.openapi = openapi_description
@@ -94,7 +109,9 @@ async def check_access(request: Request, call_next):
     X-Request-Id on every response, honouring one the client sent.)"""
     config = (await current_services()).config
     try:
-        if request.url.path not in PUBLIC_PATHS:
+        # The path as the routes see it: without the app's route prefix (Serve's root_path).
+        path = request.url.path.removeprefix(request.scope.get("root_path", ""))
+        if path not in PUBLIC_PATHS and not path.startswith(PUBLIC_PREFIXES):
             # The routes' scope dependencies (serve/auth.py) read it.
             request.state.principal = principal_of(request, config)
         declared = request.headers.get("content-length")
@@ -193,3 +210,7 @@ class Ingress:
         check_serve_settings()  # here: Serve's settings are this process's, its handles' too
         # The routes find these through serve/routes/services.py's dependency.
         self.services = Services.build(AppConfig.model_validate(config), handles)
+        # In the replica's event loop (Serve runs the constructor there), for its whole life:
+        # a replica that starts picks up what a stopped one left in the queue.
+        self.queue_worker = QueueWorker(self.services)
+        self.queue_worker.start()

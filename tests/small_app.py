@@ -17,6 +17,10 @@ BACK_PRESSURE = {
 }
 
 
+# The app's models; tests/test_api_schema.py describes the API for them.
+MODELS = [{"name": "flux", "family": "flux", "model_uri": "tiny://flux"}]
+
+
 @contextlib.contextmanager
 def small_app(ray_cluster: str, root):
     """The app's base URL while it runs; `root` (a folder) holds its LoRA, dataset and
@@ -26,7 +30,7 @@ def small_app(ray_cluster: str, root):
     from serve.app import build_app
 
     args = {
-        "models": [{"name": "flux", "family": "flux", "model_uri": "tiny://flux"}],
+        "models": MODELS,
         "lora_root": str(root / "loras"),
         "dataset_root": str(root / "datasets"),
         "train_storage_path": str(root / "train"),

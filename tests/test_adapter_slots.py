@@ -227,7 +227,7 @@ def test_the_service_reloads_an_evicted_adapter_into_a_slot_to_the_same_bytes(se
     first = {lora_id: generate(lora_id).content for lora_id in ("g", "h", "k")}
     for lora_id in ("g", "h", "k", "g"):
         again = generate(lora_id)
-        assert again.headers["X-LoRA-Cache"] == "miss"
+        assert again.headers["X-LoRA-Cache"] == "miss", (lora_id, service.get("/models").text)
         assert again.content == first[lora_id]
     [flux] = [m for m in service.get("/models").json()["models"] if m["name"] == "flux"]
     [replica] = flux["replicas"]

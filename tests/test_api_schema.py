@@ -14,6 +14,7 @@ schemathesis's phases (default examples,fuzzing).
 from __future__ import annotations
 
 import os
+import re
 
 import httpx
 import pytest
@@ -26,7 +27,8 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from tests.small_app import small_app
+from tests.conftest import REPO_ROOT
+from tests.small_app import MODELS, small_app
 
 EXAMPLES = int(os.environ.get("LORAPLEX_FUZZ_EXAMPLES", "8"))
 CHECKS = [
@@ -35,7 +37,10 @@ CHECKS = [
     status_code_conformance,
     content_type_conformance,
 ]
-CLAMPS = {"steps": 2, "width": 64, "height": 64, "length": 5}
+CLAMPS = {"steps": 2, "width": 64, "height": 64, "length": 5, "n": 2}
+# The small app's generation paths (its Flux model's endpoints) and the OpenAI images API.
+GENERATING = ("/flux", "/flux-lora", "/v1/images/generations")
+SMALL_SIZE = "64x64"
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +50,11 @@ def small(ray_cluster, tmp_path_factory):
 
 
 def _description() -> dict:
+    from serve.config import AppConfig
     from serve.ingress import app
+    from serve.openapi import describe_api
 
-    return app.openapi()
+    return describe_api(app, AppConfig.model_validate({"models": MODELS}))
 
 
 # The description as the ingress builds it, which the app serves (checked below): loaded here
@@ -60,13 +67,14 @@ schema.config.phases.update(phases=PHASES)
 
 
 def _bounded(case) -> None:
-    """A generation case as one cheap render on the app's Flux model."""
-    if case.path == "/{endpoint}":
-        case.path_parameters = {"endpoint": "flux"}
-        if isinstance(case.body, dict):
-            for field, most in CLAMPS.items():
-                if isinstance(case.body.get(field), int) and case.body[field] > most:
-                    case.body[field] = most
+    """A generation case as cheap renders on the app's Flux model."""
+    if case.path in GENERATING and isinstance(case.body, dict):
+        for field, most in CLAMPS.items():
+            if isinstance(case.body.get(field), int) and case.body[field] > most:
+                case.body[field] = most
+        size = case.body.get("size")
+        if isinstance(size, str) and re.fullmatch(r"\d+x\d+", size) and size != SMALL_SIZE:
+            case.body["size"] = SMALL_SIZE
 
 
 @pytest.mark.slow
@@ -118,6 +126,38 @@ def test_the_description_resolves_and_declares_bodies_and_errors():
     assert bodies[("put", "/datasets/{name}")] == ["application/json", "multipart/form-data"]
     train = components["TrainRequest"]["properties"]
     assert "lora_root" not in train and "base_model" in train  # the server's paths left out
+
+
+def test_each_endpoint_is_described_with_its_own_body_and_defaults():
+    import yaml
+
+    from serve.config import AppConfig
+    from serve.ingress import app
+    from serve.openapi import describe_api
+
+    local = yaml.safe_load((REPO_ROOT / "cluster" / "local.yaml").read_text())
+    args = local["applications"][0]["args"]
+    args["models"][0]["defaults"] = {"steps": 4}  # a config's override is the default shown
+    config = AppConfig.model_validate(args)
+    description = describe_api(app, config)
+    paths, components = description["paths"], description["components"]["schemas"]
+    assert "/{endpoint}" not in paths
+    for endpoint in [f"/{model.endpoint}" for model in config.models]:
+        plain, lora = paths[endpoint]["post"], paths[f"{endpoint}-lora"]["post"]
+        assert plain["requestBody"] == lora["requestBody"]
+        assert "A LoRA is required" in lora["description"]
+    assert list(paths["/z-image"]["post"]["responses"]["200"]["content"]) == ["image/jpeg"]
+
+    def body(path: str) -> dict:
+        ref = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        return components[ref["$ref"].split("/")[-1]]["properties"]
+
+    defaults = {field: schema.get("default") for field, schema in body("/flux").items()}
+    assert defaults | {"width": 1024, "height": 1024, "steps": 4, "cfg": 3.5} == defaults
+    video = {field: schema.get("default") for field, schema in body("/wan2.6").items()}
+    assert (video["width"], video["height"], video["length"], video["fps"]) == (832, 480, 33, 16)
+    edit = body("/qwen-image-edit")
+    assert "image" in edit and edit["width"]["default"] is None and edit["steps"]["default"] == 50
 
 
 @pytest.mark.slow

@@ -5,23 +5,25 @@ Included last: `/{endpoint}` would match every other POST route of the ingress.
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from ray import serve
 from ray.serve.exceptions import BackPressureError
 
+from deployments.config import ModelConfig
 from deployments.errors import NotFound, Overloaded, ReplicaUnavailable
-from deployments.schemas import EditRequest, GenerationRequest, VideoRequest
+from deployments.schemas import GenerationJob
 from serve.auth import CanGenerate
-from serve.openapi import json_body
+from serve.openapi import ENDPOINT_BODY
 from serve.resolve import resolve_job
 from serve.routes.bodies import read_json
-from serve.routes.services import REPLICA_LOST, ServicesDep
+from serve.routes.services import REPLICA_LOST, Services, ServicesDep
 
 # The body is read by hand (its model depends on the endpoint's family: video endpoints add
-# length and fps, edit endpoints the image), so OpenAPI is told.
-GENERATION_BODY = json_body(GenerationRequest, VideoRequest, EditRequest)
+# length and fps, edit endpoints the image): the description gives each endpoint its own.
+GENERATION_BODY = ENDPOINT_BODY
 MEDIA = {"schema": {"type": "string", "format": "binary"}}
 GENERATED = {
     200: {
@@ -49,11 +51,28 @@ async def generate(
 ) -> Response:
     """Generate with the endpoint's model. `<model>-lora` endpoints require a LoRA; a tenant
     key's LoRA names are its own or shared ones."""
-    found = services.config.model_for_endpoint(endpoint)
-    if found is None:
-        raise NotFound(f"no endpoint /{endpoint}")
-    model, lora_required = found
+    model_for(services, endpoint)  # an unknown endpoint is 404 before its body is read
     body = await read_json(request, services.config.max_body_bytes)
+    model, job = await resolve(services, endpoint, body, principal.tenant)
+    rendered = await render(services, model, job)
+    return Response(rendered.content, media_type=rendered.media_type, headers=rendered.headers)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """A generation's answer: the media and the headers the synchronous response carries."""
+
+    content: bytes
+    media_type: str
+    headers: dict[str, str]
+
+
+async def resolve(
+    services: Services, endpoint: str, body: object, tenant: str | None
+) -> tuple[ModelConfig, GenerationJob]:
+    """The endpoint's model and the job for `body`; the typed refusals of serve/resolve.py.
+    The queue (serve/queue/) calls it at submit and again when the request runs."""
+    model, lora_required = model_for(services, endpoint)
     # Off the event loop: resolving names reads the LoRA root (on an object store, a request
     # per file; "auto" trigger words read file headers), which would hold up every other
     # request this ingress replica is serving meanwhile.
@@ -64,8 +83,21 @@ async def generate(
         lora_required=lora_required,
         store=services.store,
         config=services.config,
-        tenant=principal.tenant,
+        tenant=tenant,
     )
+    return model, job
+
+
+def model_for(services: Services, endpoint: str) -> tuple[ModelConfig, bool]:
+    """(model, lora_required) for an endpoint name; NotFound for another name."""
+    found = services.config.model_for_endpoint(endpoint)
+    if found is None:
+        raise NotFound(f"no endpoint /{endpoint}")
+    return found
+
+
+async def render(services: Services, model: ModelConfig, job: GenerationJob) -> Rendered:
+    """The job rendered by one of the model's replicas, with the response headers."""
     handle = services.handles[model.name]
     if job.adapters:
         handle = handle.options(multiplexed_model_id=job.adapters[0].key)
@@ -79,7 +111,7 @@ async def generate(
     }
     if result.lora_cache:
         headers["X-LoRA-Cache"] = ",".join(result.lora_cache)
-    return Response(result.content, media_type=result.media_type, headers=headers)
+    return Rendered(result.content, result.media_type, headers)
 
 
 async def _generate_retrying(handle, job, deployment: str):
@@ -101,8 +133,14 @@ async def _generate_retrying(handle, job, deployment: str):
 
 
 async def _generate(handle, job, deployment: str):
+    response = handle.generate.remote(job)
     try:
-        return await handle.generate.remote(job)
+        return await response
+    except asyncio.CancelledError:
+        # A queued request cancelled while it runs (DELETE /queue/requests/{id}): the replica
+        # interrupts the render as it does for a client that went away.
+        response.cancel()
+        raise
     except BackPressureError as e:
         raise Overloaded(f"{deployment} is at capacity; retry shortly") from e
 

@@ -9,6 +9,7 @@ in the constructor is not reliably the state a request sees.)
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -23,6 +24,7 @@ from serve.config import AppConfig
 from serve.datasets import Datasets
 from serve.loras.catalog import Catalog
 from serve.loras.uploads import Uploads
+from serve.queue.store import QueueStore
 from serve.registry import RegistryClient
 from serve.training import TrainingJobs
 
@@ -45,6 +47,10 @@ class Services:
     """The app's replica registry: hot adapters per replica."""
     datasets: Datasets
     training: TrainingJobs
+    queue: QueueStore
+    """Queued requests (POST /queue/<endpoint>), run by serve/queue/worker.py."""
+    queue_submitted: asyncio.Event
+    """Set on each submit, so this replica's queue worker looks at once."""
 
     @classmethod
     def build(cls, config: AppConfig, handles: dict[str, DeploymentHandle]) -> Services:
@@ -58,6 +64,8 @@ class Services:
             registry=RegistryClient(serve.get_replica_context().app_name),
             datasets=Datasets(config.dataset_root),
             training=TrainingJobs(config),
+            queue=QueueStore(config.queue.root, serve.get_replica_context().app_name),
+            queue_submitted=asyncio.Event(),
         )
 
 
