@@ -27,7 +27,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(CHROMEDRIVER):
 	$(SUDO) apt-get update
-	$(SUDO) apt-get install -y chromium chromium-driver
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
 
 test: $(STAMP) $(CHROMEDRIVER)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
