@@ -336,7 +336,7 @@ class DiffusionDeployment:
         }
 
     async def check_health(self) -> None:
-        # Serve calls this every health_check_period_s: it doubles as the registry heartbeat.
+        # Serve calls this every health_check_period_s; a report beside the 1 s heartbeat is cheap.
         self._reports.report()
         await self.health.check()  # the pipeline as loaded, or Serve replaces this replica
 
