@@ -14,16 +14,14 @@ import asyncio
 import contextlib
 import functools
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
 from ray import serve
 
 from deployments.adapters import ActiveAdapter, PipelineAdapters, PreparedAdapter
-from deployments.batching import GroupRenders, batch_key, batched_pipeline_kwargs
+from deployments.batching import GroupRenders, batch_key
 from deployments.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
 from deployments.family import get_family
 from deployments.hot_adapters import HotAdapters
@@ -34,6 +32,7 @@ from deployments.loras.remote import RemoteLoraCache
 from deployments.loras.root_cache import RootCache
 from deployments.loras.store import LoraStore
 from deployments.media import encode_image, encode_video
+from deployments.rendering import Renderer
 from deployments.replica_health import ReplicaHealth
 from deployments.replica_metrics import ReplicaMetrics, gpu_share, resident_memory_mb
 from deployments.replica_placement import replica_placement
@@ -73,10 +72,6 @@ class DiffusionDeployment:
         self.remote = RemoteLoraCache(RemoteLoraConfig.model_validate(remote_loras or {}))
         self._lock = asyncio.Lock()
         self._batches_run = self._requests_batched = 0
-        # Pipeline calls stopped before their last step: every request in them had gone away.
-        self._renders_interrupted = 0
-        # Seconds spent in pipeline calls: the replica's busy time (its GPU's, on a GPU).
-        self._render_s = 0.0
         self._group_renders = GroupRenders()
 
         context = serve.get_replica_context()
@@ -94,6 +89,7 @@ class DiffusionDeployment:
             )(self._render_batch)
 
         self.metrics = ReplicaMetrics()
+        self.renderer = Renderer(self.pipe, self.family, self.adapters, self.health, self.metrics)
         self.hot = HotAdapters(
             self.adapters,
             self.model.max_adapters_per_replica,
@@ -187,8 +183,8 @@ class DiffusionDeployment:
                 raise asyncio.CancelledError
             cache = await self.hot.ensure_hot(job.adapters, staged)
             active = self._active_for(job)
-            image, inference_ms = await self._in_torch_thread(
-                self._render, job, active, interrupted
+            [image], inference_ms = await self._in_torch_thread(
+                self.renderer.render, [job], active, interrupted
             )
         if interrupted.is_set():
             self._reports.report()  # renders_interrupted, for /models
@@ -229,7 +225,7 @@ class DiffusionDeployment:
         try:
             for indexes, group, interrupted in zip(groups.values(), grouped, events, strict=True):
                 if interrupted.is_set():  # all its requests went while an earlier group rendered
-                    self._renders_interrupted += 1
+                    self.renderer.interrupted += 1
                     for index in indexes:
                         outcomes[index] = asyncio.CancelledError()
                     continue
@@ -261,7 +257,7 @@ class DiffusionDeployment:
             # from here to the end of the call no adapter of the group can go.
             await self.hot.ensure_hot(jobs[0].adapters, {}, count=False)
             active = self._active_for(jobs[0])
-            return await self._in_torch_thread(self._render_jobs, jobs, active, interrupted)
+            return await self._in_torch_thread(self.renderer.render, jobs, active, interrupted)
 
     def _active_for(self, job: GenerationJob) -> list[ActiveAdapter]:
         """The job's stack as the pipeline activates it (its adapters must be hot)."""
@@ -326,10 +322,11 @@ class DiffusionDeployment:
             "max_batch_size": self.model.max_batch_size,
             "batches_run": self._batches_run,
             "requests_batched": self._requests_batched,
-            "renders_interrupted": self._renders_interrupted,
+            "renders_interrupted": self.renderer.interrupted,
+            "renders_running": self.renderer.running,
             # Layer changes made off the tensor thread: always 0 (a test holds it there).
             "tensor_calls_off_thread": self.adapters.calls_off_thread,
-            "render_s": round(self._render_s, 3),
+            "render_s": round(self.renderer.render_s, 3),
             "remote_lora_cache": self.remote.stats() if self.remote.config.enabled else None,
             "lora_root_cache": self.root_cache.stats(),
             "rss_mb": round(resident_memory_mb(), 1),
@@ -355,43 +352,6 @@ class DiffusionDeployment:
         else:
             data = self.root_cache.read_bytes(ref)
         return self.adapters.prepare(data, ref.name)
-
-    def _render(self, job: GenerationJob, active: list[ActiveAdapter], interrupted):
-        media, elapsed_ms = self._render_jobs([job], active, interrupted)
-        return media[0], elapsed_ms
-
-    def _render_jobs(self, jobs: list[GenerationJob], active: list[ActiveAdapter], interrupted):
-        """One pipeline call for jobs of one batch key: each image from its own job's seed.
-        One job is called exactly as before batching existed (one prompt, one generator)."""
-        self.health.before_render()  # never from a model that is not the one loaded
-        self.adapters.activate(active)
-        generators = [torch.Generator(device="cpu").manual_seed(job.seed) for job in jobs]
-        if len(jobs) == 1:
-            kwargs = self.family.pipeline_kwargs(jobs[0])
-            generator = generators[0]
-        else:
-            kwargs = batched_pipeline_kwargs([self.family.pipeline_kwargs(job) for job in jobs])
-            generator = generators
-
-        def stop_if_interrupted(pipe, step, timestep, callback_kwargs):
-            if interrupted.is_set() and not pipe._interrupt:
-                pipe._interrupt = True  # diffusers skips the remaining steps
-                self._renders_interrupted += 1
-            return callback_kwargs
-
-        started = time.perf_counter()
-        with torch.inference_mode():
-            output = self.pipe(
-                **kwargs,
-                generator=generator,
-                output_type="pil",
-                callback_on_step_end=stop_if_interrupted,
-            )
-        elapsed_s = time.perf_counter() - started
-        self._render_s += elapsed_s
-        self.metrics.generation_s.observe(elapsed_s)
-        media = output.frames if self.family.output == "video" else output.images
-        return list(media[: len(jobs)]), elapsed_s * 1000.0
 
     def _encode(self, media, job: GenerationJob) -> bytes:
         if self.family.output == "video":

@@ -41,6 +41,12 @@ def renders_interrupted(client) -> int:
     return sum(replica["renders_interrupted"] for replica in model["replicas"])
 
 
+def renders_running(client) -> int:
+    """Pipeline calls under way on the flux replicas, as /models shows them."""
+    [model] = [m for m in client.get("/models").json()["models"] if m["name"] == "flux"]
+    return sum(replica["renders_running"] for replica in model["replicas"])
+
+
 def reported(read, expected, timeout_s: float = 60):
     """`read()` once it gives `expected` (the replicas report their state asynchronously), or
     what it gives after `timeout_s`."""

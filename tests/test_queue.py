@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.http_helpers import error_of, renders_interrupted, reported
+from tests.http_helpers import error_of, renders_interrupted, renders_running, reported
 from tests.queue_app import SMALL, TENANT_A, TENANT_B, Webhooks, finished, queue_app
 
 ROUNDS = 5
@@ -142,8 +142,9 @@ def test_bad_input_is_refused_before_anything_is_kept(queued):
 def test_a_full_queue_is_503_and_requests_cancel_queued_or_running(queued, service):
     interrupted_before = renders_interrupted(service)
     ids = []
-    for _ in range(3):
-        submitted = queued.post("/queue/flux", json=SLOW)
+    # The first runs until it is cancelled: 150 steps at 1024 px take several seconds here.
+    for body in ({**SLOW, "steps": 150}, SLOW, SLOW):
+        submitted = queued.post("/queue/flux", json=body)
         assert submitted.status_code == 202, submitted.text
         ids.append(submitted.json()["request_id"])
     full = queued.post("/queue/flux", json=SLOW)
@@ -153,6 +154,8 @@ def test_a_full_queue_is_503_and_requests_cancel_queued_or_running(queued, servi
 
     first, second, third = ids
     assert reported(lambda: queued.get(f"/queue/requests/{first}").json()["status"], "running")
+    # "running" is the queue's word; the cancel below must find the render itself under way.
+    assert reported(lambda: renders_running(service), 1) == 1
     assert queued.get(f"/queue/requests/{second}").json()["position"] == 0
     assert queued.get(f"/queue/requests/{third}").json()["position"] == 1
     cancelled = queued.delete(f"/queue/requests/{third}")
