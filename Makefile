@@ -29,12 +29,19 @@ $(CHROMEDRIVER):
 	$(SUDO) apt-get update
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
 
-test: $(STAMP) $(CHROMEDRIVER)
+# A C++ compiler for torch.compile's inductor on a CPU (tests/test_compiled.py and the cache's).
+CXX_COMPILER := /usr/bin/g++
+
+$(CXX_COMPILER):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y g++
+
+test: $(STAMP) $(CHROMEDRIVER) $(CXX_COMPILER)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 # The inner loop: everything but the tests marked slow (training runs, load tests, routing
 # clusters of their own).
-test-fast: $(STAMP) $(CHROMEDRIVER)
+test-fast: $(STAMP) $(CHROMEDRIVER) $(CXX_COMPILER)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
 # The benchmark's ratios (loadtest/bench.py) into loadtest/reports/bench.{json,md}.

@@ -5,6 +5,8 @@ the layers either stack uses (`_activate_layers`); after a fresh load or a delet
 change layers' states, the library activates every component (`_activate_components`). A
 single plain LoRA may be fused into the denoiser's weights (`fuse_single`), and LoKr / LoHa
 deltas are always added into the base weights; both are put back bit for bit by `unfuse`.
+In compiled mode every stack is fused and every denoiser LoRA layer marked merged
+(`fused_stacks.py`), unless a layer cannot be fused: the stack then runs eagerly, unfused.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from peft.tuners.lora.layer import LoraLayer
 
 from deployments.blocks import BlockLayout, BlockScales
 from deployments.family import Family
+from deployments.fused_stacks import FUSED_MARKER, fused_weight, mark_merged, unfusable_reason
 from deployments.lycoris import LycorisAdapter
 
 
@@ -66,11 +69,20 @@ class AdapterActivation:
         # the adapted weights, as a fused adapter needs anyway, kept from one fusion to the next.
         self._fusion_buffers: dict[LoraLayer, torch.Tensor] = {}
         self._lycoris_fused: list[tuple[torch.nn.Module, torch.Tensor]] = []  # (layer, kept)
+        # Compiled mode (set by deployments/compiled.py): every stack fused, and why the
+        # applied one could not be, as (adapter name, reason), or None.
+        self.compiled = False
+        self.eager_reason: tuple[str, str] | None = None
+        # Denoiser LoRA layers marked merged with no delta of the stack, and every denoiser
+        # LoRA layer (found again after a load or a delete, which may wrap new modules).
+        self._marked: list[LoraLayer] = []
+        self._denoiser_layers: list[LoraLayer] | None = None
 
     def reset(self) -> None:
         """Unfuse and forget the applied stack: layers are about to change (a load, a delete)."""
         self.unfuse()
         self.active = None
+        self._denoiser_layers = None
 
     def drop_unused_buffers(self) -> None:
         """Layers left with no adapter are never fused again."""
@@ -91,12 +103,17 @@ class AdapterActivation:
         applied = tuple(a for a in self.active or () if a.adapter_name not in lycoris)
         single = self.fuse_single and len(wanted) == 1 and len(loras) == 1
         fusing = loras[0].adapter_name if single else None
+        if self.compiled:
+            self.eager_reason = self._unfusable(loras)
+            fusing = None
         if self.active is not None and all(a.adapter_name in self._layers for a in applied + loras):
             self._activate_layers(applied, loras, fusing)
         else:
             self._activate_components(list(loras))
         self.active = wanted
-        if fusing is not None:
+        if self.compiled and self.eager_reason is None:
+            self._fuse_stack(loras)
+        elif fusing is not None:
             self._fuse(fusing)
         self._fuse_lycoris([a for a in wanted if a.adapter_name in self._lycoris_adapters])
 
@@ -200,6 +217,38 @@ class AdapterActivation:
             module.merged_adapters.append(adapter_name)  # peft's forward then skips the LoRA
             self.fused.append((module, kept, adapter_name))
 
+    def _fuse_stack(self, adapters: tuple[ActiveAdapter, ...]) -> None:
+        """Compiled mode: the whole stack's deltas, at the scales just set, into the denoiser's
+        weights (into each layer's fusion buffer), and every denoiser LoRA layer marked merged,
+        those the stack does not use included, so their forward is always `base_layer(x)`."""
+        names = [a.adapter_name for a in adapters]
+        for module in self._denoiser_lora_layers():
+            here = [name for name in names if name in module.lora_A]
+            if here:
+                base = module.get_base_layer()
+                kept = base.weight.data
+                buffer = self._fusion_buffer(module, kept)
+                base.weight.data = fused_weight(module, here, kept, buffer)
+                self.fused.append((module, kept, FUSED_MARKER))  # `unfuse` takes the marker
+            else:
+                self._marked.append(module)
+            mark_merged(module)
+
+    def _unfusable(self, adapters: tuple[ActiveAdapter, ...]) -> tuple[str, str] | None:
+        prefix = f"{self.family.denoiser_component}."
+        for adapter in adapters:
+            name = adapter.adapter_name
+            why = unfusable_reason(self._layers.get(name) or self._find_layers(name), name, prefix)
+            if why is not None:
+                return name, why
+        return None
+
+    def _denoiser_lora_layers(self) -> list[LoraLayer]:
+        if self._denoiser_layers is None:
+            denoiser = getattr(self.pipe, self.family.denoiser_component)
+            self._denoiser_layers = [m for m in denoiser.modules() if isinstance(m, LoraLayer)]
+        return self._denoiser_layers
+
     def _fusable(self, path: str, module: LoraLayer, adapter_name: str) -> bool:
         """Whether `_fuse` adds this layer's delta for `adapter_name` into its weights: a
         plain LoRA layer of the denoiser (DoRA and the like, and a LoRA bias, stay unfused)."""
@@ -231,6 +280,9 @@ class AdapterActivation:
             module.get_base_layer().weight.data = kept
             module.merged_adapters.remove(adapter_name)
         self.fused = []
+        for module in self._marked:
+            module.merged_adapters.remove(FUSED_MARKER)
+        self._marked = []
 
     def base_values(self) -> dict[int, torch.Tensor]:
         """id(base weight) -> the tensor holding its base values, for each weight an adapter is

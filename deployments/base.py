@@ -22,6 +22,7 @@ from ray import serve
 
 from deployments.adapters import ActiveAdapter, PipelineAdapters, PreparedAdapter
 from deployments.batching import GroupRenders, batch_key
+from deployments.compiled import CompiledGeneration, compile_report
 from deployments.config import LoraRootCacheConfig, ModelConfig, RemoteLoraConfig
 from deployments.family import get_family
 from deployments.hot_adapters import HotAdapters
@@ -90,6 +91,10 @@ class DiffusionDeployment:
 
         self.metrics = ReplicaMetrics()
         self.renderer = Renderer(self.pipe, self.family, self.adapters, self.health, self.metrics)
+        self.compiled = None
+        if self.model.compile.enabled:  # compiled and warmed up before Serve calls it ready
+            self.compiled = CompiledGeneration(self.model, self.renderer)
+            self._torch.submit(self.compiled.start).result()
         self.hot = HotAdapters(
             self.adapters,
             self.model.max_adapters_per_replica,
@@ -330,6 +335,7 @@ class DiffusionDeployment:
             "remote_lora_cache": self.remote.stats() if self.remote.config.enabled else None,
             "lora_root_cache": self.root_cache.stats(),
             "rss_mb": round(resident_memory_mb(), 1),
+            **compile_report(self.compiled, self.renderer),  # compiled, warmup_ms, recompiles
         }
 
     async def check_health(self) -> None:

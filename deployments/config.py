@@ -14,6 +14,48 @@ from deployments.outbound import AddressRules, UrlRules
 from deployments.schemas import DefaultsOverride, GenerationDefaults
 
 
+class CompileConfig(BaseModel):
+    """Compiled generation: the denoiser's repeated blocks compiled once per replica, at start,
+    with every request's adapters fused into its weights so that no switch recompiles
+    (docs/configuration.md, "Compiled generation")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(default=False, description="Compile the denoiser's repeated blocks.")
+    backend: Literal["inductor", "aot_eager", "eager"] = Field(
+        default="inductor",
+        description="torch.compile backend: inductor serves; aot_eager and eager trace and "
+        "guard as inductor does without generating code (tests, debugging).",
+    )
+    mode: Literal["default", "max-autotune-no-cudagraphs"] = Field(
+        default="default",
+        description="inductor's mode. No CUDA graphs: they capture weight addresses, which "
+        "fusing each request's adapters changes.",
+    )
+    cache_dir: str | None = Field(
+        default="~/.cache/loraplex/compile",
+        max_length=2048,
+        description="Node-local folder of compile artifacts, loaded at start and saved after "
+        "a warm-up that missed; `~` is the replica's home. None keeps no artifacts.",
+    )
+    warmup: bool = Field(
+        default=True,
+        description="One render at the model's default size, in a few steps, before the "
+        "replica is ready: the first request does not pay the compile.",
+    )
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _no_cuda_graphs(cls, mode: object) -> object:
+        if mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(
+                f"compile.mode: {mode} is not allowed: its CUDA graphs capture weight "
+                "addresses, which fusing each request's adapters changes; use default or "
+                "max-autotune-no-cudagraphs"
+            )
+        return mode
+
+
 class ModelConfig(BaseModel):
     """One base model: one Serve deployment, named `name`."""
 
@@ -75,6 +117,10 @@ class ModelConfig(BaseModel):
     defaults: DefaultsOverride = Field(
         default_factory=DefaultsOverride,
         description="Overrides of the family's production defaults (width, height, steps, cfg).",
+    )
+    compile: CompileConfig = Field(
+        default_factory=CompileConfig,
+        description="Compiled generation of the denoiser (off by default).",
     )
 
     @model_validator(mode="after")

@@ -36,6 +36,10 @@ class ReplicaMetrics:
         self.file_reads_shared = metrics.Counter(
             "loraplex_adapter_file_reads_shared", "Requests served by another request's read."
         )
+        self.eager_fallbacks = metrics.Counter(
+            "loraplex_eager_fallbacks",
+            "Renders of a compiled model run eagerly: their stack could not be fused.",
+        )
 
 
 def resident_memory_mb() -> float:

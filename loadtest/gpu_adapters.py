@@ -18,14 +18,21 @@ replica runs (`PipelineAdapters`), and writes gpu_adapters.json and .md with the
   - device memory after `--swaps` evict-and-load cycles / after warm-up;
   - throughput on a Zipf workload (`--zipf-requests` over `--zipf-adapters`, `--slots` hot), one
     request at a time: a replica's path / the naive load-generate-unload path
-    (`measure_zipf_workload`). `--steps 4` is a turbo model's request (FLUX.1-schnell's steps).
-The measurements are loadtest/in_process.py's, the ones `make bench` takes on a CPU.
+    (`measure_zipf_workload`). `--steps 4` is a turbo model's request (FLUX.1-schnell's steps);
+  - compiled generation (the denoiser's repeated blocks through inductor, as `compile: {enabled:
+    true}` runs them) / eager, without adapter and with one fused adapter; recompiles during
+    `--switches` mixed adapter switches (rendered in `--switch-steps` steps: graphs do not
+    depend on the step count); a fresh replica's first image with the node's compile cache /
+    without (two processes of their own). On a GPU unless `--no-compiled`.
+The measurements are loadtest/in_process.py's and loadtest/bench_compile.py's, the ones `make
+bench` takes on a CPU.
 No Ray and no HTTP: the GPU machine this runs on may have neither.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -66,6 +73,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--zipf-adapters", type=int, default=12)
     parser.add_argument("--zipf-requests", type=int, default=12, help="timed, after 4 untimed")
     parser.add_argument("--zipf", type=float, default=1.1, help="the Zipf exponent")
+    parser.add_argument("--switches", type=int, default=100, help="compiled: adapter switches")
+    parser.add_argument("--switch-steps", type=int, default=2, help="compiled: steps per switch")
+    parser.add_argument(
+        "--compiled",
+        action=argparse.BooleanOptionalAction,
+        help="measure the compiled rows (default: on a GPU only): inductor compiles here, twice, "
+        "and in two fresh processes",
+    )
     parser.add_argument("--out", default="loadtest/reports/gpu")
     return parser.parse_args(argv)
 
@@ -125,6 +140,7 @@ def run(args: argparse.Namespace, lora_root: Path) -> dict:
         raise SystemExit("gpu_adapters: no CUDA device here (use --device cpu --small for a smoke)")
     started = time.perf_counter()
     pipe = build_pipeline(args)
+    params = sum(p.numel() for p in pipe.transformer.parameters())
     side = IMAGE_TOKENS_SIDE * pipe.vae_scale_factor * 2 // (4 if args.small else 1)
     log(f"pipeline built in {time.perf_counter() - started:.0f} s; latent grid {side} px")
 
@@ -181,9 +197,17 @@ def run(args: argparse.Namespace, lora_root: Path) -> dict:
     )
     figures.update(zipf_figures)
     details.update(zipf_details)
+    if args.compiled or (args.compiled is None and on_gpu):
+        del pipe, generate  # two more of its size follow: eager and compiled
+        gc.collect()
+        if on_gpu:
+            torch.cuda.empty_cache()
+        compiled_figures, compiled_details = compiled_rows(args, side, lora_root, names)
+        figures.update(compiled_figures)
+        details.update(compiled_details)
     details.update(
         device=torch.cuda.get_device_name() if on_gpu else "cpu",
-        transformer_params_b=round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, 2),
+        transformer_params_b=round(params / 1e9, 2),
         lora_file_mb=round(file_mb, 1),
         latent_grid_px=side,
         args=vars(args),
@@ -198,6 +222,25 @@ def run(args: argparse.Namespace, lora_root: Path) -> dict:
     (out / "gpu_adapters.md").write_text("\n".join(lines) + "\n")
     print(json.dumps(report, indent=2))
     return report
+
+
+def compiled_rows(args, side: int, lora_root: Path, names: list[str]) -> tuple[dict, dict]:
+    """loadtest/bench_compile.py's rows at this script's model size and token count."""
+    from loadtest.bench_compile import CompiledRun, compiled_figures, fresh_replica_figures
+
+    run = CompiledRun(
+        size=side,
+        steps=args.steps,
+        repeats=args.repeats,
+        switches=args.switches,
+        switch_steps=args.switch_steps,
+    )
+    files = [lora_root / name for name in names]
+    figures, details = compiled_figures(lambda: build_pipeline(args), files, run)
+    gc.collect()
+    child = ["--gpu-transformer", "small" if args.small else "flux1", "--device", args.device]
+    fresh, fresh_details = fresh_replica_figures(child, run, lora_root)
+    return figures | fresh, details | fresh_details
 
 
 if __name__ == "__main__":
