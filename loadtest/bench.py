@@ -19,10 +19,17 @@ In this process, with the replica's own code (PipelineAdapters, LoraStore):
   - resident memory after `--swaps` adapter swaps (evict, load into the free slot) through an
     LRU of `--slots` / after warm-up.
 Over HTTP, against a Serve app started here (its own local Ray cluster, 127.0.0.1 only):
-  - end-to-end HTTP latency / the same generation (pipeline call and PNG encoding) in process;
+  - end-to-end HTTP latency / the same generation (pipeline call and PNG encoding) in process,
+    with where the HTTP request's time went, hop by hop, from Serve's request logs
+    (loadtest/serve_hops.py);
   - throughput of loraplex (1 replica, `--slots` hot adapters, `--clients` concurrent clients)
     on a Zipf workload over the adapters / the naive path on the same requests: load the file,
-    generate, unload, one request at a time, in this process (no HTTP, which favours it);
+    generate, unload, one request at a time, in this process (no HTTP, which favours it); beside
+    it its bound, (generation + naive load and unload) / generation from the naive path's own
+    times, and the share of that bound loraplex reached.
+Compiled (loadtest/bench_compile.py; `--no-compile` and `--quick` skip it): compiled / eager
+generation, base and one fused adapter; recompiles over 100 adapter switches; a fresh replica's
+first image with the node's compile cache / without.
   - with 2 replicas, adapter loads / distinct adapters requested, on a Zipf workload over
     `--affinity-adapters` adapters (fewer than the 2 replicas' slots, so every load beyond one
     per adapter is a routing miss, not an eviction);
@@ -116,6 +123,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_false",
         help="measure without fuse_single_adapter (the config option, on by default here)",
     )
+    parser.add_argument(
+        "--no-compile",
+        dest="compile",
+        action="store_false",
+        help="skip the torch.compile rows (loadtest/bench_compile.py, a few minutes on a CPU; "
+        "--quick skips them too: `python -m loadtest.bench_compile --quick` runs them alone)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.swaps, args.requests, args.warmup_requests = 2, 10, 6, 2
@@ -174,6 +188,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     else:
         in_process(pipe, family, lora_root, names, args, figures, details)
         over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
+        if args.compile and not args.quick:  # minutes, even on the tiny model
+            compiled(model_dir, lora_root, names, args, figures, details)
     details["total_s"] = round(time.perf_counter() - started, 1)
     return write_reports(Path(args.out), figures, details, args)
 
@@ -199,6 +215,26 @@ def in_process(pipe, family, lora_root, names, args, figures, details) -> None:
     figures.update(measured)
     details["in_process_ms"] = times["in_process_ms"]
     details["rss_mb"] = times["memory_mb"]
+
+
+def compiled(model_dir, lora_root, names, args, figures, details) -> None:
+    """The torch.compile rows (loadtest/bench_compile.py) on the bench model: compiled against
+    eager generation, base and one fused adapter, recompiles over 100 adapter switches, and a
+    fresh replica's first image with the node's compile cache against without."""
+    from deployments import load_pipeline
+    from loadtest import bench_compile
+
+    run = bench_compile.CompiledRun(size=args.size, steps=args.steps, repeats=args.repeats)
+    files = [lora_root / name for name in names[: bench_compile.HOT_ADAPTERS + 3]]
+    log(f"torch.compile rows ({run.backend})")
+    measured, times = bench_compile.compiled_figures(
+        lambda: load_pipeline("flux", str(model_dir)), files, run
+    )
+    fresh, fresh_times = bench_compile.fresh_replica_figures(
+        ["--model-dir", str(model_dir)], run, model_dir.parent
+    )
+    figures.update(measured | fresh)
+    details["compiled"] = {"backend": run.backend, **times, **fresh_times}
 
 
 # Reports --------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from loadtest.bench_images import PROMPT, generate, log, timed_ms
+from loadtest import serve_hops
+from loadtest.bench_images import PROMPT, generate, log
 
 MODEL_NAME = "flux"
 BATCHED_NAME = "flux-batched"  # the same model beside it, with max_batch_size --batch-size
@@ -101,24 +102,24 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
     bodies = [{**body, "seed": 100 + i, "lora_name": names[k]} for i, k in enumerate(choices)]
     warmup, timed = bodies[: args.warmup_requests], bodies[args.warmup_requests :]
 
-    # The naive path first, in this process, before Ray takes its share of the machine.
-    def naive(request: dict) -> None:
+    # The naive path first, in this process, before Ray takes its share of the machine; its
+    # generations timed apart, for the bound on loraplex's throughput against it.
+    def naive(request: dict) -> float:
+        """One request the naive way; the ms of its generation and encoding alone."""
         pipe.load_lora_weights(
             load_file(str(lora_root / request["lora_name"])), adapter_name="naive"
         )
+        started = time.perf_counter()
         image = generate(pipe, family, args, request["seed"]).images[0]
         encode_image(image, family.media_type)
+        generation_ms = (time.perf_counter() - started) * 1000
         pipe.unload_lora_weights()
+        return generation_ms
 
     log(f"naive path: {len(timed)} requests")
     naive_started = time.perf_counter()
-    for request in timed:
-        naive(request)
+    naive_generation_ms = [naive(request) for request in timed]
     naive_s = time.perf_counter() - naive_started
-
-    def in_process_request() -> bytes:
-        image = generate(pipe, family, args, 7).images[0]
-        return encode_image(image, family.media_type)
 
     log("starting Ray and Serve")
     url = service.start(
@@ -130,13 +131,15 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
             for _ in range(3):  # warm-up: a new replica's first calls grow its allocator
                 check(post(client, {**body, "seed": 7})[1])
 
-            http_ms, local_ms, same_bytes = [], [], True
-            for _ in range(args.http_requests):
-                elapsed_ms, response = post(client, {**body, "seed": 7})
-                check(response)
-                http_ms.append(elapsed_ms)
-                local_ms.append(timed_ms(in_process_request))
-                same_bytes &= response.content == in_process_request()
+            latency = serve_hops.alternate(
+                client,
+                "/flux",
+                {**body, "seed": 7},
+                args.http_requests,
+                generate=lambda: generate(pipe, family, args, 7).images[0],
+                encode=lambda image: encode_image(image, family.media_type),
+                logs=(serve_hops.serve_logs_dir(), "bench", MODEL_NAME),
+            )
 
             log(f"loraplex: {len(warmup)} + {len(timed)} Zipf requests")
             run_workload(client, warmup, args.clients)
@@ -165,15 +168,27 @@ def over_http(pipe, family, model_dir, lora_root, names, args, figures, details)
         service.stop()
 
     loads = [r["adapter_loads"] for r in replicas_two]
-    figures["http_over_in_process"] = statistics.median(http_ms) / statistics.median(local_ms)
-    figures["loraplex_over_naive_throughput"] = (len(timed) / loraplex_s) / (len(timed) / naive_s)
+    figures["http_over_in_process"] = latency.http_ms() / latency.in_process_ms()
+    throughput = naive_s / loraplex_s
+    # What loraplex could reach at best, serving each request in one generation: the naive
+    # path's time over its generations' (the rest is its loads and unloads).
+    bound = naive_s / (sum(naive_generation_ms) / 1000)
+    figures["loraplex_over_naive_throughput"] = throughput
+    figures["loraplex_over_naive_bound"] = bound
+    figures["loraplex_share_of_bound"] = throughput / bound
     figures["loads_per_distinct_adapter"] = sum(loads) / len(set(affinity))
     details["http"] = {
-        "http_ms": round(statistics.median(http_ms), 1),
-        "in_process_ms": round(statistics.median(local_ms), 1),
-        "same_bytes_http_and_in_process": same_bytes,
+        "http_ms": round(latency.http_ms(), 1),
+        "in_process_ms": round(latency.in_process_ms(), 1),
+        "same_bytes_http_and_in_process": latency.same_bytes,
+        "hops_ms": dict(latency.hops()),
+        "cluster_cpu_ms_per_round": latency.cluster_cpu_ms,
         "loraplex_requests_per_s": round(len(timed) / loraplex_s, 3),
         "naive_requests_per_s": round(len(timed) / naive_s, 3),
+        "naive_generation_ms_median": round(statistics.median(naive_generation_ms), 1),
+        "naive_load_and_unload_ms_per_request": round(
+            (naive_s * 1000 - sum(naive_generation_ms)) / len(timed), 1
+        ),
         "zipf_cache_hit_rate": round(cache.count("hit") / len(cache), 3),
         "zipf_inference_ms_median": round(statistics.median(inference_ms), 1),
         "zipf_inference_share_of_wall": round(sum(inference_ms) / 1000 / loraplex_s, 3),
