@@ -195,7 +195,9 @@ def test_every_dashboard_metric_is_in_the_live_export(service, metrics_url, tmp_
     rank0 = Rank0.remote()
     ray.get(rank0.report.remote(str(run_dir)))
     try:
-        wanted = dashboard_metrics()
+        # Only a compiled model renders eagerly, and the session's models are not compiled:
+        # tests/test_compiled.py counts its eager fallbacks.
+        wanted = dashboard_metrics() - {"ray_loraplex_eager_fallbacks_total"}
         deadline = time.monotonic() + 30  # workers report every second here (conftest.py)
         while True:
             samples = exported_samples(metrics_url)
