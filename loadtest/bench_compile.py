@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from loadtest.bench_images import bench_job, log
+
 if TYPE_CHECKING:
     from deployments.config import ModelConfig
 
@@ -57,7 +59,6 @@ DESCRIPTIONS = {
     "fresh_replica_cached_over_uncached": "a fresh replica's first image (compile, warm-up, "
     "request) with the node's compile cache / without",
 }
-PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 HOT_ADAPTERS = 4  # loaded for the switches; one more refills an evicted adapter's slot
 
 
@@ -72,10 +73,6 @@ class CompiledRun:
     switch_steps: int | None = None
     """Steps of each switch's render (None: `steps`); graphs do not depend on the count."""
     backend: str = "inductor"
-
-
-def log(message: str) -> None:
-    print(f"[bench_compile {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def flux_model(run: CompiledRun, compile_config: dict) -> ModelConfig:
@@ -118,18 +115,7 @@ class BenchReplica:
 
     def render(self, active: list, seed: int = 1, steps: int | None = None) -> float:
         """One request's generation, ms."""
-        from deployments.schemas import GenerationJob
-
-        job = GenerationJob(
-            prompt=PROMPT,
-            negative_prompt="",
-            width=self.run.size,
-            height=self.run.size,
-            steps=steps or self.run.steps,
-            cfg=3.5,
-            seed=seed,
-            adapters=[],
-        )
+        job = bench_job(self.run.size, steps or self.run.steps, seed)
         _, elapsed_ms = self.renderer.render([job], active, threading.Event())
         return elapsed_ms
 

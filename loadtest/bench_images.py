@@ -1,5 +1,5 @@
-"""The bench's image: one prompt at the run's size and steps, made as a replica's `_render`
-makes it, and the bench's log line."""
+"""The bench's image: one prompt at the run's size and steps, made as a replica's Renderer
+(deployments/rendering.py) makes it, and the bench's log line."""
 
 from __future__ import annotations
 
@@ -13,24 +13,28 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def job_kwargs(family, args, seed: int) -> dict:
+def bench_job(size: int, steps: int, seed: int):
+    """The bench's request as a replica receives it: PROMPT, square, no adapter."""
     from deployments.schemas import GenerationJob
 
-    job = GenerationJob(
+    return GenerationJob(
         prompt=PROMPT,
         negative_prompt="",
-        width=args.size,
-        height=args.size,
-        steps=args.steps,
+        width=size,
+        height=size,
+        steps=steps,
         cfg=3.5,
         seed=seed,
         adapters=[],
     )
-    return family.pipeline_kwargs(job)
+
+
+def job_kwargs(family, args, seed: int) -> dict:
+    return family.pipeline_kwargs(bench_job(args.size, args.steps, seed))
 
 
 def generate(pipe, family, args, seed: int):
-    """One image as a replica's `_render` makes it."""
+    """One image as a replica's Renderer makes it."""
     import torch
 
     generator = torch.Generator(device="cpu").manual_seed(seed)
